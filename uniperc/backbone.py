@@ -1,0 +1,201 @@
+"""One 4-stage backbone whose token mixer is chosen per stage, or per block, by name.
+
+stem (stride 4) -> [downsample (stride 2, stages 2-4) -> blocks -> optional stage norm] x 4 -> head.
+The frame (stem, downsample, norms) is chosen by name too, so each published family is this class
+with its own settings (``uniperc.variants``) and any mixer can replace any other.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm2d, NormMlpClassifierHead, trunc_normal_
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+
+from .blocks import get_block
+from .layers import create_downsample, create_stem
+
+_NORMS = {"ln": LayerNorm2d, None: None}
+
+
+def _per_stage(value, num_stages: int, name: str) -> list:
+    """Broadcast a scalar/dict to every stage; check a sequence has one entry per stage."""
+    if isinstance(value, (str, int, dict)) or value is None:
+        return [value] * num_stages
+    value = list(value)
+    if len(value) != num_stages:
+        raise ValueError(f"{name} needs one entry per stage ({num_stages}), got {len(value)}: {value!r}")
+    return value
+
+
+def _per_block(value, depth: int, name: str, stage: int) -> list:
+    if isinstance(value, (str, int)):
+        return [value] * depth
+    value = list(value)
+    if len(value) != depth:
+        raise ValueError(f"{name}[{stage}] needs one entry per block ({depth}), got {len(value)}: {value!r}")
+    return value
+
+
+def _norm(name, dim):
+    if name not in _NORMS:
+        raise ValueError(f"unknown norm {name!r}; expected one of {list(_NORMS)}")
+    return _NORMS[name](dim) if _NORMS[name] is not None else nn.Identity()
+
+
+class UniPercStage(nn.Module):
+    """Downsample, then a sequence of (possibly different) mixer blocks, then an optional norm."""
+
+    def __init__(self, in_dim: int, dim: int, mixers: list[str], kernel_sizes: list[int],
+                 mixer_kwargs: dict, drop_path_rates: list[float], downsample: str | None, stage_norm: str | None):
+        super().__init__()
+        self.downsample = create_downsample(downsample, in_dim, dim) if downsample else nn.Identity()
+        self.shared = nn.ModuleDict()
+        for name in dict.fromkeys(mixers):
+            make_shared = getattr(get_block(name), "make_stage_shared", None)
+            shared = make_shared(dim, max(k for m, k in zip(mixers, kernel_sizes) if m == name),
+                                 **mixer_kwargs) if make_shared else None
+            if shared is not None:
+                self.shared[name] = shared
+        self.blocks = nn.Sequential(*[
+            get_block(m)(dim, k, drop_path=dp, shared=self.shared[m] if m in self.shared else None, **mixer_kwargs)
+            for m, k, dp in zip(mixers, kernel_sizes, drop_path_rates)
+        ])
+        self.norm = _norm(stage_norm, dim)
+        self.grad_checkpointing = False
+
+    def forward(self, x):
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+
+class UniPercNet(nn.Module):
+    """The uniperc backbone with a classification head (timm model API).
+
+    Args:
+        in_chans: input channels C' of the modality (1 for log-mel audio, 3 for images, ...).
+        depths, dims: blocks and channels per stage.
+        mixer: a registered mixer name, one per stage, or per stage a list with one per block.
+        kernel_sizes: per stage an int, or a list with one per block (mixers without a kernel size ignore it).
+        mixer_kwargs: keyword arguments for every block, or one dict per stage.
+        stem, downsample: registered frame layers (:mod:`uniperc.layers`).
+        stage_norm: "ln" for a LayerNorm at the end of each stage (VAN), else None.
+        head_norm: norm after global pooling ("ln" or None).
+    """
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 6, 2),
+                 dims: Sequence[int] = (40, 80, 160, 320), mixer: Any = "dilated_reparam",
+                 kernel_sizes: Any = (3, 13, 13, 13), mixer_kwargs: Any = None, stem: str = "unireplknet",
+                 downsample: str = "conv_norm", stage_norm: str | None = None, head_norm: str | None = "ln",
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg",
+                 head_init_scale: float = 1.0, output_stride: int = 32):
+        super().__init__()
+        if len(depths) != len(dims):
+            raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} must have the same length")
+        if output_stride != 32:
+            raise ValueError(f"output_stride must be 32 (dilated stages are not supported), got {output_stride}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        num_stages = len(depths)
+        mixers = _per_stage(mixer, num_stages, "mixer")
+        kernels = _per_stage(kernel_sizes, num_stages, "kernel_sizes")
+        kwargs = _per_stage(mixer_kwargs or {}, num_stages, "mixer_kwargs")
+        dp_rates = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
+
+        self.stem = create_stem(stem, in_chans, dims[0])
+        self.stages = nn.Sequential()
+        self.feature_info = []
+        stride = 4
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            self.stages.append(UniPercStage(
+                dims[i - 1] if i else dims[0], dim,
+                mixers=_per_block(mixers[i], depth, "mixer", i),
+                kernel_sizes=_per_block(kernels[i], depth, "kernel_sizes", i),
+                mixer_kwargs=dict(kwargs[i] or {}), drop_path_rates=dp_rates[i],
+                downsample=downsample if i else None, stage_norm=stage_norm))
+            stride *= 2 if i else 1
+            self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f"stages.{i}"))
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.head = NormMlpClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate,
+                                          norm_layer=LayerNorm2d if head_norm == "ln" else nn.Identity)
+        if head_norm not in _NORMS:
+            raise ValueError(f"unknown head_norm {head_norm!r}; expected one of {list(_NORMS)}")
+        self.apply(self._init_weights)
+        if isinstance(self.head.fc, nn.Linear):
+            self.head.fc.weight.data.mul_(head_init_scale)
+            self.head.fc.bias.data.mul_(head_init_scale)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            (r"^stages\.(\d+)\.(norm|shared)", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError(f"input must be a 4-D tensor B x C x H x W, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"input has {x.shape[1]} channels but the model was built with in_chans={self.in_chans}")
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Features of the selected stages (timm's ``forward_intermediates`` contract)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        x = self.stem(x)
+        stages = self.stages if not stop_early else self.stages[:max_index + 1]
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x):
+        self._check_input(x)
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x, pre_logits: bool = False):
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m uniperc.bench {backbone,mixers,dwconv,data}``."""

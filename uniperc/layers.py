@@ -1,0 +1,71 @@
+"""Stems and downsampling layers, chosen by name so each family brings its own frame."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+from timm.layers import LayerNorm2d
+
+_STEMS: dict[str, Callable[[int, int], nn.Module]] = {}
+_DOWNSAMPLES: dict[str, Callable[[int, int], nn.Module]] = {}
+
+
+def _register(table: dict, kind: str, name: str):
+    def wrap(fn):
+        if name in table and table[name] is not fn:
+            raise ValueError(f"{kind} name {name!r} is already registered")
+        table[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_stem(name: str):
+    """Decorator for ``fn(in_chans, out_dim) -> nn.Module`` with total stride 4."""
+    return _register(_STEMS, "stem", name)
+
+
+def register_downsample(name: str):
+    """Decorator for ``fn(in_dim, out_dim) -> nn.Module`` with stride 2."""
+    return _register(_DOWNSAMPLES, "downsample", name)
+
+
+def _lookup(table: dict, kind: str, name: str):
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {kind} {name!r}; registered: {sorted(table)}") from None
+
+
+def create_stem(name: str, in_chans: int, out_dim: int) -> nn.Module:
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+    return _lookup(_STEMS, "stem", name)(in_chans, out_dim)
+
+
+def create_downsample(name: str, in_dim: int, out_dim: int) -> nn.Module:
+    return _lookup(_DOWNSAMPLES, "downsample", name)(in_dim, out_dim)
+
+
+@register_stem("unireplknet")
+def unireplknet_stem(in_chans: int, out_dim: int) -> nn.Module:
+    """UniRepLKNet / UniConvNet stem: conv3x3 s2 -> LN -> GELU -> conv3x3 s2 -> LN."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, out_dim // 2, 3, stride=2, padding=1),
+        LayerNorm2d(out_dim // 2),
+        nn.GELU(),
+        nn.Conv2d(out_dim // 2, out_dim, 3, stride=2, padding=1),
+        LayerNorm2d(out_dim),
+    )
+
+
+@register_downsample("conv_norm")
+def conv_norm_downsample(in_dim: int, out_dim: int) -> nn.Module:
+    """UniRepLKNet: conv3x3 s2 then LN."""
+    return nn.Sequential(nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1), LayerNorm2d(out_dim))
+
+
+@register_downsample("norm_conv")
+def norm_conv_downsample(in_dim: int, out_dim: int) -> nn.Module:
+    """UniConvNet: LN then conv3x3 s2."""
+    return nn.Sequential(LayerNorm2d(in_dim), nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1))

@@ -1,0 +1,265 @@
+"""Large-kernel depthwise convolution entry point.
+
+Every depthwise conv with K >= 7 in uniperc goes through :func:`dwconv2d` (or the :class:`DWConv2d`
+module), so one switch picks the implementation:
+
+* ``"torch"``  -- ``F.conv2d`` (+ the affine): exact reference, any device.
+* ``"triton"`` -- the Triton kernels in :mod:`uniperc.ops._triton_dwconv`. On CUDA tensors they are
+  compiled; on CPU tensors they run under the Triton interpreter, which must have been enabled with
+  ``TRITON_INTERPRET=1`` before triton was imported (otherwise a ``RuntimeError`` says so).
+* ``"auto"`` (default) -- Triton on CUDA tensors (when triton is installed), torch elsewhere.
+
+The switch is :func:`set_backend` or the ``UNIPERC_DWCONV`` environment variable (read at import).
+
+Both backends sit behind one ``torch.library`` custom op, ``uniperc::dwconv2d``, with a fake
+(meta) implementation and a registered autograd formula, so autograd, ``torch.compile`` and
+``torch.export`` see a single opaque op. Its backward uses two ops: the input gradient is the same
+``uniperc::dwconv2d`` op applied to the output gradient with the flipped kernel (stride 1, odd K,
+'same' padding make the transposed conv a plain conv), and the weight gradient is
+``uniperc::dwconv2d_weight_grad`` (a per-(c, kh, kw) reduction over batch and pixels). The bias and
+affine gradients follow from that reduction in closed form (see :func:`_backward`), so the forward
+output is never stored or recomputed.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Largest odd kernel size accepted. The kernels loop over taps at run time, so this is not a
+#: hardware limit; it bounds the K*K partial-sum buffer of the weight gradient and is the range tested.
+MAX_KERNEL_SIZE = 127
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "UNIPERC_DWCONV"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _parse_backend(name, source: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{source}: unknown dwconv backend {name!r}; expected one of {BACKENDS}")
+    return name.lower()
+
+
+_backend = _parse_backend(os.environ.get(ENV_VAR, "auto"), f"environment variable {ENV_VAR}")
+
+
+def set_backend(name: str) -> None:
+    """Pick the implementation of every :func:`dwconv2d` / :class:`DWConv2d` call:
+    ``"auto"`` | ``"triton"`` | ``"torch"`` (see the module docstring)."""
+    global _backend
+    _backend = _parse_backend(name, "set_backend")
+
+
+def get_backend() -> str:
+    """The current switch value (``"auto"``, ``"triton"`` or ``"torch"``)."""
+    return _backend
+
+
+def _triton_kernels():
+    """The Triton kernel module, imported on first use (so the torch path never needs triton)."""
+    try:
+        return importlib.import_module("uniperc.ops._triton_dwconv")
+    except ImportError as exc:  # triton missing or broken
+        raise RuntimeError(f"dwconv backend 'triton' needs the triton package: {exc}") from exc
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _uses_triton(x: Tensor) -> bool:
+    """Resolve the switch for one call on ``x``'s device."""
+    if _backend == "torch":
+        return False
+    if _backend == "auto":
+        return x.is_cuda and _triton_installed()
+    if x.is_cuda:
+        return True
+    if x.device.type == "cpu":
+        kernels = _triton_kernels()
+        if not kernels.INTERPRETED:
+            raise RuntimeError(
+                "dwconv backend 'triton' got CPU tensors, which needs the Triton interpreter: set "
+                "TRITON_INTERPRET=1 in the environment before triton is first imported "
+                "(or use set_backend('auto') / 'torch' for the F.conv2d path)")
+        return True
+    raise RuntimeError(f"dwconv backend 'triton' supports CUDA tensors (or CPU under TRITON_INTERPRET=1), "
+                       f"got a tensor on {x.device}")
+
+
+def _with_strides_of(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` with exactly ``x``'s strides (what the fake implementation promises)."""
+    return y if y.stride() == x.stride() else torch.empty_like(x).copy_(y)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("uniperc::dwconv2d", mutates_args=())
+def _dwconv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                 shift: Optional[Tensor], dilation: int) -> Tensor:
+    """``(dwconv(x, weight) + bias) * scale + shift``; inputs already validated by :func:`dwconv2d`."""
+    if _uses_triton(x):
+        return _triton_kernels().forward(x, weight, bias, scale, shift, dilation)
+    k = weight.shape[-1]
+    y = F.conv2d(x, weight, bias, padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
+    if scale is not None:
+        y = y * scale.view(1, -1, 1, 1)
+    if shift is not None:
+        y = y + shift.view(1, -1, 1, 1)
+    return _with_strides_of(y, x)
+
+
+@_dwconv2d_op.register_fake
+def _dwconv2d_fake(x, weight, bias, scale, shift, dilation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("uniperc::dwconv2d_weight_grad", mutates_args=())
+def _weight_grad_op(grad_out: Tensor, x: Tensor, kernel_size: int, dilation: int) -> Tensor:
+    """fp32 gradient ``(C, 1, K, K)`` of ``sum(grad_out * dwconv(x, w))`` w.r.t. ``w``."""
+    if _uses_triton(x):
+        return _triton_kernels().weight_grad(grad_out, x, kernel_size, dilation)
+    c = x.shape[1]
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, x.new_empty(c, 1, kernel_size, kernel_size), None, [1, 1],
+        [dilation * (kernel_size // 2)] * 2, [dilation, dilation], False, [0, 0], c, [False, True, False])
+    return gw.float()
+
+
+@_weight_grad_op.register_fake
+def _weight_grad_fake(grad_out, x, kernel_size, dilation):
+    return x.new_empty(x.shape[1], 1, kernel_size, kernel_size, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, dilation = inputs
+    ctx.save_for_backward(x, weight, bias, scale)
+    ctx.dilation = dilation
+    ctx.has_bias, ctx.has_shift = bias is not None, shift is not None
+
+
+def _backward(ctx, grad_out):
+    """With ``z = conv(x, w) + b``, ``y = z * s + t`` and ``G = corr(x, dy)`` (the weight-grad op):
+    ``dx = conv(dy, flip(w)) * s``, ``dw = G * s``, ``db = s * sum(dy)``, ``dt = sum(dy)`` and
+    ``ds = sum(dy * z) = sum_ij(w * G) + b * sum(dy)`` -- no need to keep ``z`` from the forward."""
+    x, weight, bias, scale = ctx.saved_tensors
+    need_x, need_w, need_b, need_s, need_t, _ = ctx.needs_input_grad
+    k, d = weight.shape[-1], ctx.dilation
+    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    grad_out = grad_out.contiguous(memory_format=fmt)
+    gx = gw = gb = gs = gt = None
+    if need_x:
+        gx = _dwconv2d_op(grad_out, weight.flip((-2, -1)), None, scale, None, d)
+    s32 = scale.float() if scale is not None else None
+    if need_w or need_s:
+        g = _weight_grad_op(grad_out, x, k, d)
+        if need_w:
+            gw = (g * s32.view(-1, 1, 1, 1) if s32 is not None else g).to(weight.dtype)
+        if need_s:
+            gs32 = (g * weight.float()).sum((1, 2, 3))
+    if need_b or need_t or (need_s and bias is not None):
+        dy_sum = grad_out.sum((0, 2, 3), dtype=torch.float32)
+        if need_b:
+            gb = (dy_sum * s32 if s32 is not None else dy_sum).to(bias.dtype)
+        if need_t:
+            gt = dy_sum.to(grad_out.dtype)
+    if need_s:
+        if bias is not None:
+            gs32 = gs32 + bias.float() * dy_sum
+        gs = gs32.to(scale.dtype)
+    return gx, gw, gb, gs, gt, None
+
+
+_dwconv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+def _is_channels_last(x: Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _check_vector(name: str, v, x: Tensor) -> None:
+    if v is None:
+        return
+    if not isinstance(v, Tensor):
+        raise ValueError(f"{name} must be a Tensor or None, got {type(v).__name__}")
+    if v.shape != (x.shape[1],):
+        raise ValueError(f"{name} must have shape ({x.shape[1]},) (one value per channel), got {tuple(v.shape)}")
+    if v.dtype != x.dtype:
+        raise ValueError(f"{name} dtype {v.dtype} does not match x dtype {x.dtype}")
+    if v.device != x.device:
+        raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
+
+
+def _validate(x, weight, bias, scale, shift, dilation) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (B, C, H, W) Tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x dtype must be one of {_DTYPES}, got {x.dtype}")
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"x must be contiguous in NCHW or channels_last memory format, got strides "
+                         f"{tuple(x.stride())} for shape {tuple(x.shape)}; call .contiguous() first")
+    c = x.shape[1]
+    if c * x.shape[2] * x.shape[3] >= 2 ** 31:
+        raise ValueError(f"x: one sample has C*H*W = {c * x.shape[2] * x.shape[3]} elements; at most 2**31 - 1 supported")
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or weight.shape[0] != c or weight.shape[1] != 1 \
+            or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must have shape (C, 1, K, K) = ({c}, 1, K, K) for a depthwise conv of x with "
+                         f"{c} channels, got {tuple(getattr(weight, 'shape', ()))}")
+    k = weight.shape[-1]
+    if k % 2 == 0:
+        raise ValueError(f"weight kernel size K={k} must be odd ('same' padding is symmetric only for odd K)")
+    if k > MAX_KERNEL_SIZE:
+        raise ValueError(f"weight kernel size K={k} is larger than the supported maximum {MAX_KERNEL_SIZE}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    for name, v in (("bias", bias), ("scale", scale), ("shift", shift)):
+        _check_vector(name, v, x)
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be an int >= 1, got {dilation!r}")
+
+
+def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, dilation: int = 1,
+             scale: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+    """Depthwise, stride-1, 'same'-padded conv: ``(conv(x, weight) + bias) * scale + shift``.
+
+    ``x`` is ``(B, C, H, W)`` in NCHW or channels_last layout (the output keeps it), ``weight`` is
+    ``(C, 1, K, K)`` with odd ``K <= MAX_KERNEL_SIZE``; ``bias``, ``scale``, ``shift`` are ``(C,)``
+    or None (``scale``/``shift`` carry a folded BatchNorm or a layer scale). fp32, bf16 and fp16, all
+    arguments of one dtype and device -- except under ``torch.autocast``, where, like ``F.conv2d``,
+    every argument is cast to the autocast dtype first. Bad arguments raise ``ValueError``.
+    """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, scale, shift = (
+            v.to(dt) if isinstance(v, Tensor) and v.is_floating_point() else v
+            for v in (x, weight, bias, scale, shift))
+    _validate(x, weight, bias, scale, shift, dilation)
+    return _dwconv2d_op(x, weight, bias, scale, shift, dilation)
+
+
+class DWConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same keys, init and timm tooling) for depthwise stride-1 'same' convs,
+    routed through :func:`dwconv2d` (so the backend switch applies)."""
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True, dilation: int = 1):
+        if kernel_size % 2 == 0 or not 1 <= kernel_size <= MAX_KERNEL_SIZE:
+            raise ValueError(f"kernel_size must be odd and at most {MAX_KERNEL_SIZE}, got {kernel_size}")
+        super().__init__(channels, channels, kernel_size, padding=dilation * (kernel_size - 1) // 2,
+                         dilation=dilation, groups=channels, bias=bias)
+
+    def forward(self, x):
+        return dwconv2d(x, self.weight, self.bias, dilation=self.dilation[0])

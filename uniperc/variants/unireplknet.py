@@ -1,0 +1,131 @@
+"""UniRepLKNet (Ding et al., CVPR 2024) variants A..XL, registered in timm.
+
+Each variant is :class:`~uniperc.backbone.UniPercNet` with the Dilated Reparam mixer, the published
+depths / dims / per-block kernel sizes, and official checkpoints mapped by :func:`checkpoint_filter_fn`.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from ..backbone import UniPercNet
+from ..convert import prepare_state_dict, register_converter
+
+__all__ = ["checkpoint_filter_fn"]
+
+
+def _kernels(depths: tuple[int, ...], stage3: tuple[int, ...]) -> tuple:
+    """Stage 1 all 3x3; stages 2 and 4 all 13; stage 3 cycles ``stage3``."""
+    return ((3,) * depths[0], (13,) * depths[1],
+            tuple(stage3[i % len(stage3)] for i in range(depths[2])), (13,) * depths[3])
+
+
+_SMALL = (2, 2, 6, 2)
+_DEEP = (3, 3, 27, 3)
+MODEL_ARGS = {
+    "unireplknet_a": dict(depths=_SMALL, dims=(40, 80, 160, 320), kernel_sizes=_kernels(_SMALL, (13,))),
+    "unireplknet_f": dict(depths=_SMALL, dims=(48, 96, 192, 384), kernel_sizes=_kernels(_SMALL, (13,))),
+    "unireplknet_p": dict(depths=_SMALL, dims=(64, 128, 256, 512), kernel_sizes=_kernels(_SMALL, (13,))),
+    "unireplknet_n": dict(depths=(2, 2, 8, 2), dims=(80, 160, 320, 640), kernel_sizes=_kernels((2, 2, 8, 2), (13,))),
+    "unireplknet_t": dict(depths=(3, 3, 18, 3), dims=(80, 160, 320, 640),
+                          kernel_sizes=_kernels((3, 3, 18, 3), (13, 3))),
+    "unireplknet_s": dict(depths=_DEEP, dims=(96, 192, 384, 768), kernel_sizes=_kernels(_DEEP, (13, 3, 3))),
+    "unireplknet_b": dict(depths=_DEEP, dims=(128, 256, 512, 1024), kernel_sizes=_kernels(_DEEP, (13, 3, 3))),
+    "unireplknet_l": dict(depths=_DEEP, dims=(192, 384, 768, 1536), kernel_sizes=_kernels(_DEEP, (13, 3, 3))),
+    "unireplknet_xl": dict(depths=_DEEP, dims=(256, 512, 1024, 2048), kernel_sizes=_kernels(_DEEP, (13, 3, 3))),
+}
+
+_BLOCK_RENAMES = [
+    (r"\.se\.down\.", ".se.fc1."), (r"\.se\.up\.", ".se.fc2."), (r"\.pwconv1\.1\.", ".pwconv1."),
+    (r"\.act\.1\.gamma$", ".grn.weight"), (r"\.act\.1\.beta$", ".grn.bias"),
+    (r"\.pwconv2\.0\.", ".pwconv2."), (r"\.pwconv2\.2\.", ".pwconv2_bn."),
+]
+
+
+@register_converter("unireplknet")
+def convert_official_unireplknet(state_dict) -> dict[str, torch.Tensor]:
+    """Official UniRepLKNet keys (train-time or deploy) -> uniperc keys."""
+    out = {}
+    for key, value in state_dict.items():
+        new = re.sub(r"^downsample_layers\.0\.", "stem.", key)
+        new = re.sub(r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample.", new)
+        new = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", new)
+        new = re.sub(r"^norm\.", "head.norm.", new)
+        new = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", new)
+        for pattern, repl in _BLOCK_RENAMES:
+            new = re.sub(pattern, repl, new)
+        if new.endswith((".grn.weight", ".grn.bias")):
+            value = value.reshape(-1)  # official GRN keeps (1, 1, 1, C)
+        out[new] = value
+    return out
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """timm ``pretrained_filter_fn``: official or uniperc, train-time or deploy form."""
+    return prepare_state_dict(model, state_dict, "unireplknet")
+
+
+def _create_unireplknet(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
+    model_args = dict(MODEL_ARGS[variant], mixer="dilated_reparam", stem="unireplknet", downsample="conv_norm")
+    return build_model_with_cfg(
+        UniPercNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **dict(model_args, **kwargs))
+
+
+def _cfg(**kwargs):
+    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+            "crop_pct": 0.875, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225), "first_conv": "stem.0", "classifier": "head.fc",
+            "license": "apache-2.0", **kwargs}
+
+
+default_cfgs = generate_default_cfgs({f"{name}.untrained": _cfg() for name in MODEL_ARGS})
+
+
+@register_model
+def unireplknet_a(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_unireplknet("unireplknet_a", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_f(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_unireplknet("unireplknet_f", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_p(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_unireplknet("unireplknet_p", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_n(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_unireplknet("unireplknet_n", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_t(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_unireplknet("unireplknet_t", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_s(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_unireplknet("unireplknet_s", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_b(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_unireplknet("unireplknet_b", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_l(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_unireplknet("unireplknet_l", pretrained, **kwargs)
+
+
+@register_model
+def unireplknet_xl(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_unireplknet("unireplknet_xl", pretrained, **kwargs)
