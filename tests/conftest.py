@@ -1,0 +1,60 @@
+"""Shared test helpers."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+def load_reference_keys(name: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape from a ../shared/reference key list (official state dicts, names and shapes only)."""
+    path = REFERENCE_DIR / name
+    if not path.exists():
+        pytest.skip(f"reference key list {path} is not present")
+    shapes = {}
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, shape = line.split("\t")
+        shapes[key] = tuple(int(s) for s in re.findall(r"\d+", shape))
+    return shapes
+
+
+def random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors of the given shapes; BN variances positive, counters integer."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            out[key] = torch.tensor(100)
+        elif key.endswith("running_var"):
+            out[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            out[key] = torch.randn(shape, generator=g) * 0.2
+    return out
+
+
+def randomize_bn_and_scales(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give BN running statistics, affine parameters and layer scales non-trivial random values, so
+    re-parameterisation is checked on something other than identity BNs and 1e-6 scales."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                module.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=g) * 0.5)
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and re.search(r"(gamma\w*|layer_scale\w*|grn\.(weight|bias))$", name):
+                param.copy_(torch.rand(param.shape, generator=g) + 0.5)
+    return model
+
+
+def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().sum() / b.abs().sum()).item()
