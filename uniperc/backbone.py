@@ -128,13 +128,16 @@ class UniPercNet(nn.Module):
         if head_norm not in _NORMS:
             raise ValueError(f"unknown head_norm {head_norm!r}; expected one of {list(_NORMS)}")
         self.apply(self._init_weights)
+        for module in self.modules():  # uniperc layers with an init of their own (DCNv3) keep it
+            if type(module).__module__.startswith("uniperc.") and "reset_parameters" in vars(type(module)):
+                module.reset_parameters()
         if isinstance(self.head.fc, nn.Linear):
             self.head.fc.weight.data.mul_(head_init_scale)
             self.head.fc.bias.data.mul_(head_init_scale)
 
     @staticmethod
     def _init_weights(module):
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not module.weight.is_meta:  # meta: nothing to fill
             trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

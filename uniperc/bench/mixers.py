@@ -1,0 +1,93 @@
+"""The same backbone with each token mixer: parameters, FLOPs and CPU/GPU throughput side by side.
+
+``python -m uniperc.bench mixers`` builds :class:`~uniperc.backbone.UniPercNet` with one frame (stem,
+downsamples, head), one set of depths and dims, and swaps only the mixer. FLOPs are counted by
+``torch.utils.flop_counter`` (convolutions and matmuls; DCNv3's bilinear sampling is not counted).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import uniperc
+from uniperc.backbone import UniPercNet
+from ._timing import median_seconds
+
+# Each mixer's own kernel schedule (stage 1 small as in UniRepLKNet; PeLK's published large kernels).
+KERNELS = {
+    "dilated_reparam": (3, 13, 13, 13),
+    "rfa": (0, 0, 0, 0),           # fixed 7/9/11 inside the RFA
+    "peripheral": (51, 49, 47, 13),
+    "lka": (0, 0, 0, 0),           # fixed 5x5 + 7x7 dilation-3
+}
+
+
+def build(mixer: str, depths, dims, in_chans: int = 3, num_classes: int = 1000) -> UniPercNet:
+    return UniPercNet(in_chans=in_chans, num_classes=num_classes, depths=depths, dims=dims, mixer=mixer,
+                      kernel_sizes=KERNELS[mixer])
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Forward FLOPs of ``model`` on ``x`` (parameters frozen on a copy: no autograd hooks to trace)."""
+    model = copy.deepcopy(model).requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def measure(mixer: str, depths, dims, batch: int, size: int, repeats: int, device: str) -> dict:
+    torch.manual_seed(0)
+    model = build(mixer, depths, dims).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    target = torch.randint(0, 1000, (batch,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        optimizer.step()
+
+    row = {"mixer": mixer, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    model.train()
+    row["train_img_s"] = batch / median_seconds(train_step, repeats, device=device)
+    model.eval()
+    uniperc.reparameterize(model)
+    row["deploy_params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+    row["gflops"] = count_flops(model, x[:1]) / 2e9  # multiply-adds per image, as papers report
+    with torch.inference_mode():
+        row["deploy_img_s"] = batch / median_seconds(lambda: model(x), repeats, device=device)
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m uniperc.bench mixers", description=__doc__)
+    parser.add_argument("--mixers", default=",".join(KERNELS))
+    parser.add_argument("--depths", default="2,2,6,2")
+    parser.add_argument("--dims", default="64,128,256,512")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    depths = tuple(int(v) for v in args.depths.split(","))
+    dims = tuple(int(v) for v in args.dims.split(","))
+    mixers = args.mixers.split(",")
+    unknown = sorted(set(mixers) - set(KERNELS))
+    if unknown:
+        raise ValueError(f"--mixers: unknown {unknown}; choose from {sorted(KERNELS)}")
+    rows = [measure(m, depths, dims, args.batch, args.size, args.repeats, args.device) for m in mixers]
+    print(f"depths={depths} dims={dims} input={args.batch}x3x{args.size}x{args.size} device={args.device} "
+          f"threads={torch.get_num_threads()}")
+    print(f"| mixer | kernels | params (M) | deploy params (M) | GMACs/img | train img/s | deploy img/s |")
+    print(f"|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['mixer']} | {KERNELS[r['mixer']]} | {r['params_M']:.2f} | {r['deploy_params_M']:.2f} | "
+              f"{r['gflops']:.2f} | {r['train_img_s']:.1f} | {r['deploy_img_s']:.1f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""UniConvNet (Wang & Xi, ICCV 2025) variants A..B, registered in timm.
+
+Each variant is :class:`~uniperc.backbone.UniPercNet` with the ``"rfa"`` mixer (UniConvBlock), the
+UniRepLKNet-style stem (conv3x3 s2 -> LN -> GELU -> conv3x3 s2 -> LN), UniConvNet's LN-then-conv
+downsampling and a pooled-LN head, with depths / dims from the official code. The DCNv3 group
+width is 8 channels for A..P2 (``group = dim // 8``) and 16 for N0..B (``models_N0-XL``).
+Official checkpoints map key for key through :func:`convert_official_uniconvnet`.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from ..backbone import UniPercNet
+from ..convert import prepare_state_dict, register_converter
+
+__all__ = ["checkpoint_filter_fn", "convert_official_uniconvnet"]
+
+_LIGHT = dict(dcn_group_channels=8)   # models_A-P2: group = dim // 8
+_LARGE = dict(dcn_group_channels=16)  # models_N0-XL: group = dim // 16
+MODEL_ARGS = {
+    "uniconvnet_a": dict(depths=(2, 3, 9, 2), dims=(24, 48, 96, 192), mixer_kwargs=_LIGHT),
+    "uniconvnet_p0": dict(depths=(2, 2, 7, 2), dims=(32, 64, 128, 256), mixer_kwargs=_LIGHT),
+    "uniconvnet_p1": dict(depths=(2, 3, 6, 3), dims=(32, 64, 128, 256), mixer_kwargs=_LIGHT),
+    "uniconvnet_p2": dict(depths=(3, 3, 11, 3), dims=(32, 64, 128, 256), mixer_kwargs=_LIGHT),
+    "uniconvnet_n0": dict(depths=(2, 2, 7, 2), dims=(48, 96, 192, 384), mixer_kwargs=_LARGE),
+    "uniconvnet_n1": dict(depths=(2, 2, 8, 3), dims=(48, 96, 192, 384), mixer_kwargs=_LARGE),
+    "uniconvnet_n2": dict(depths=(3, 3, 11, 3), dims=(48, 96, 192, 384), mixer_kwargs=_LARGE),
+    "uniconvnet_n3": dict(depths=(3, 3, 19, 3), dims=(48, 96, 192, 384), mixer_kwargs=_LARGE),
+    "uniconvnet_t": dict(depths=(3, 3, 15, 3), dims=(64, 128, 256, 512), mixer_kwargs=_LARGE),
+    "uniconvnet_s": dict(depths=(3, 3, 17, 3), dims=(80, 160, 320, 640), mixer_kwargs=_LARGE),
+    "uniconvnet_b": dict(depths=(4, 4, 13, 4), dims=(112, 224, 448, 896), mixer_kwargs=_LARGE),
+}
+
+# Official block-internal names that differ from ours: InternImage wraps the channels-last LayerNorms
+# and DCNv3's depthwise conv in one-element nn.Sequential containers.
+_BLOCK_RENAMES = [(r"\.norm([12])\.0\.", r".norm\1."), (r"\.dcn\.dw_conv\.0\.", ".dcn.dw_conv.")]
+
+
+@register_converter("uniconvnet")
+def convert_official_uniconvnet(state_dict) -> dict[str, torch.Tensor]:
+    """Official UniConvNet keys -> uniperc keys (``downsample_layers.0`` is our ``stem``,
+    ``downsample_layers.i`` our ``stages.i.downsample``, ``norm``/``head`` our ``head.norm``/``head.fc``)."""
+    out = {}
+    for key, value in state_dict.items():
+        new = re.sub(r"^downsample_layers\.0\.", "stem.", key)
+        new = re.sub(r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample.", new)
+        new = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", new)
+        new = re.sub(r"^norm\.", "head.norm.", new)
+        new = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", new)
+        for pattern, repl in _BLOCK_RENAMES:
+            new = re.sub(pattern, repl, new)
+        out[new] = value
+    return out
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """timm ``pretrained_filter_fn``: official or uniperc keys, train-time or deploy form."""
+    return prepare_state_dict(model, state_dict, "uniconvnet")
+
+
+def _create_uniconvnet(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
+    # kernel_sizes is nominal (the RFA's largest kernel): the block ignores it, its kernels are fixed.
+    model_args = dict(MODEL_ARGS[variant], mixer="rfa", kernel_sizes=11, stem="unireplknet",
+                      downsample="norm_conv", head_norm="ln")
+    return build_model_with_cfg(
+        UniPercNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **dict(model_args, **kwargs))
+
+
+def _cfg(**kwargs):
+    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+            "crop_pct": 0.875, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225), "first_conv": "stem.0", "classifier": "head.fc",
+            "license": "mit", **kwargs}
+
+
+default_cfgs = generate_default_cfgs({f"{name}.untrained": _cfg() for name in MODEL_ARGS})
+
+
+@register_model
+def uniconvnet_a(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_uniconvnet("uniconvnet_a", pretrained, **kwargs)
+
+
+@register_model
+def uniconvnet_p0(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_uniconvnet("uniconvnet_p0", pretrained, **kwargs)
+
+
+@register_model
+def uniconvnet_p1(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_uniconvnet("uniconvnet_p1", pretrained, **kwargs)
+
+
+@register_model
+def uniconvnet_p2(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_uniconvnet("uniconvnet_p2", pretrained, **kwargs)
+
+
+@register_model
+def uniconvnet_n0(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_uniconvnet("uniconvnet_n0", pretrained, **kwargs)
+
+
+@register_model
+def uniconvnet_n1(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_uniconvnet("uniconvnet_n1", pretrained, **kwargs)
+
+
+@register_model
+def uniconvnet_n2(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_uniconvnet("uniconvnet_n2", pretrained, **kwargs)
+
+
+@register_model
+def uniconvnet_n3(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_uniconvnet("uniconvnet_n3", pretrained, **kwargs)
+
+
+@register_model
+def uniconvnet_t(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_uniconvnet("uniconvnet_t", pretrained, **kwargs)
+
+
+@register_model
+def uniconvnet_s(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_uniconvnet("uniconvnet_s", pretrained, **kwargs)
+
+
+@register_model
+def uniconvnet_b(pretrained=False, **kwargs) -> UniPercNet:
+    return _create_uniconvnet("uniconvnet_b", pretrained, **kwargs)
