@@ -1,0 +1,493 @@
+"""Weather modality: any xarray Dataset of fields -> ``(variables x history) x H x W`` (C' = V * history).
+
+Gridded data, dims ``(time, lat, lon)``: a sample at time ``t`` stacks the ``history`` steps
+``t-history+1 .. t`` of every input variable as channels, ordered variable-major
+(``einops`` ``"v t h w -> (v t) h w"``, channel ``v * history + k`` is variable ``v`` at step ``k``, oldest
+first). ``image_size`` optionally resizes the input grid (bilinear); the target stays on the native grid.
+Target (task ``"regression"``): the ``horizon`` steps ``t+1 .. t+horizon`` of ``target_variables``,
+flattened to ``FloatTensor[V_t * horizon * H * W]`` so a global-pooling head of that size predicts it
+(:meth:`WeatherModality.target_shape` gives the unflattened shape; UniRepLKNet's global temperature / wind
+task also predicts every station and step from a linear head). With ``label_variable`` set, the task is
+classification instead: the label is that 1-D variable's value at ``t + horizon``.
+
+Station data, dims ``(time, station)``: the stations' values become one row ``C' x 1 x S`` and the
+adapter places station ``s`` at cell ``(s // side, s % side)`` of a ``side x side`` grid
+(``side = ceil(sqrt(S))``, zero padding) — UniRepLKNet's reading of station series as an image. The
+learned version (their linear embedding per station) is :class:`StationEmbedding`, a module applied to
+that grid.
+
+Normalisation: per-variable mean / std computed on the train split only (:meth:`Modality.fit_config`
+stores them in the config as ``stats``); inputs *and* targets are standardised, and
+:meth:`WeatherModality.denormalize` maps predictions back to physical units.
+Splits are chronological blocks (``split_fractions``); windows crossing a block boundary belong to no
+split, so no time step of a test target is ever seen in training.
+Training augmentation: a random zonal roll of input and target together when ``lon_roll`` (only for
+global, longitude-periodic grids).
+
+Sources: ``demo`` = a generated global 32 x 64 grid (5.625 deg, WeatherBench's coarse resolution) of
+hourly temperature and humidity advected by a zonal jet with diffusion, a diurnal cycle following local
+solar time and random warm/moist anomalies, written as WeatherBench-style netCDF files
+(``root/<variable>/<variable>_<month>.nc``) and read back through xarray; ``folder`` = any tree of
+``.nc`` files / ``.zarr`` stores (merged with ``xarray.combine_by_coords``); ``hub`` = an xarray-readable
+file in a Hub dataset repo (``hub_path="hf://datasets/<repo>/<file>"``), downloaded with ``huggingface_hub``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+
+from modalities.base import HubSpec, Modality, check_finite
+
+DIM_ALIASES = {
+    "time": ("time", "valid_time", "datetime", "date", "t"),
+    "lat": ("lat", "latitude", "y", "rlat"),
+    "lon": ("lon", "longitude", "x", "rlon"),
+    "station": ("station", "stations", "station_id", "site", "location"),
+}
+
+
+def find_dims(ds, what: str) -> dict[str, str]:
+    """Map our dim roles to the Dataset's dim names; ``ValueError`` if time or space is missing."""
+    dims = {role: next((d for d in aliases if d in ds.dims), None) for role, aliases in DIM_ALIASES.items()}
+    if dims["time"] is None:
+        raise ValueError(f"{what}: no time dimension (looked for {DIM_ALIASES['time']}); dims are {dict(ds.sizes)}")
+    if dims["station"] is None and (dims["lat"] is None or dims["lon"] is None):
+        raise ValueError(
+            f"{what}: needs lat/lon dimensions (or a station dimension); looked for "
+            f"{DIM_ALIASES['lat']} / {DIM_ALIASES['lon']} / {DIM_ALIASES['station']}, dims are {dict(ds.sizes)}"
+        )
+    return dims
+
+
+class StationEmbedding(nn.Module):
+    """Learned per-station embedding on the square station grid (UniRepLKNet's station input).
+
+    Each station's ``in_chans`` values (variables x history) are mapped by one shared linear layer to
+    ``embed_dim`` channels — a 1x1 conv on the ``side x side`` layout — and padding cells stay zero.
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, num_stations: int):
+        super().__init__()
+        side = math.ceil(math.sqrt(num_stations))
+        mask = torch.zeros(side * side)
+        mask[:num_stations] = 1
+        self.register_buffer("mask", mask.view(1, 1, side, side), persistent=False)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.mask
+
+
+class WeatherModality(Modality):
+    name = "weather"
+    task = "regression"
+    file_extensions = (".nc", ".nc4", ".netcdf", ".zarr")
+    hub = HubSpec(
+        name="",
+        config=None,
+        columns={},
+        splits={},
+        notes="no gridded benchmark of UniRepLKNet's weather task is published on the Hub; pass "
+        "hub_path='hf://datasets/<repo>/<file.nc|store.zarr>' to read any xarray file from a Hub repo",
+        extra={"dims": DIM_ALIASES},
+    )
+
+    def default_config(self) -> dict:
+        return {
+            "variables": None,  # None: every data variable with the time + space dims
+            "target_variables": None,  # None: same as variables
+            "label_variable": None,  # set: classification of this 1-D (time) variable
+            "history": 4,
+            "horizon": 1,
+            "image_size": None,  # None: native grid; [H, W] resizes the input
+            "lon_roll": False,
+            "split_fractions": [0.7, 0.15, 0.15],
+            "stats": None,  # filled from the train split by load()
+        }
+
+    def validate_config(self, cfg):
+        if int(cfg["history"]) < 1:
+            raise ValueError(f"weather: history must be >= 1, got {cfg['history']}")
+        if int(cfg["horizon"]) < (0 if cfg["label_variable"] else 1):
+            raise ValueError(f"weather: horizon must be >= 1 for forecasting, got {cfg['horizon']}")
+        fr = cfg["split_fractions"]
+        if len(fr) != 3 or min(fr) <= 0 or abs(sum(fr) - 1) > 1e-6:
+            raise ValueError(f"weather: split_fractions must be 3 positive numbers summing to 1, got {fr}")
+
+    def hub_spec(self, cfg=None):
+        """Weather has no Hub benchmark to name (see ``hub.notes``): ``ValueError`` with the way to use one."""
+        raise ValueError(f"weather: {self.hub.notes}")
+
+    def task_for(self, cfg) -> str:
+        return "classification" if self.config(cfg)["label_variable"] else "regression"
+
+    def in_chans(self, cfg=None) -> int:
+        cfg = self.config(cfg)
+        if cfg["variables"] is None:
+            raise ValueError("weather: in_chans needs cfg['variables'] (or use m.fitted_config(dsd))")
+        return len(cfg["variables"]) * int(cfg["history"])
+
+    def input_size(self, cfg=None) -> tuple[int, int]:
+        cfg = self.config(cfg)
+        if cfg["image_size"] is not None:
+            return tuple(cfg["image_size"])
+        if "grid" not in (cfg.get("stats") or {}):
+            raise ValueError("weather: input_size needs image_size or a fitted config (m.fitted_config(dsd))")
+        return tuple(cfg["stats"]["grid"])
+
+    # ----------------------------------------------------------------- xarray -> rows
+    def from_xarray(self, ds, cfg: dict | None = None, what: str = "xarray Dataset", seed: int = 0):
+        """Any xarray Dataset -> ``DatasetDict`` with transforms (the generic entry point)."""
+        cfg = self.config(cfg)
+        raw = self.rows_from_xarray(ds, cfg, what)
+        cfg = self.fit_config(raw, self._with_layout(ds, cfg, what))
+        cfg["stats"]["station"] = find_dims(ds, what)["station"] is not None
+        return self.attach(raw, cfg)
+
+    def _with_layout(self, ds, cfg, what):
+        dims = find_dims(ds, what)
+        cfg = dict(cfg)
+        cfg["variables"] = self._variables(ds, cfg["variables"], dims, what)
+        cfg["target_variables"] = self._variables(ds, cfg["target_variables"] or cfg["variables"], dims, what)
+        return cfg
+
+    @staticmethod
+    def _variables(ds, names, dims, what):
+        space = [dims["station"]] if dims["station"] else [dims["lat"], dims["lon"]]
+        if names is None:
+            names = [v for v in ds.data_vars if set(ds[v].dims) == {dims["time"], *space}]
+        missing = [v for v in names if v not in ds.data_vars]
+        if missing:
+            raise ValueError(f"{what}: variable(s) {missing} not found; it has {list(ds.data_vars)}")
+        if not names:
+            raise ValueError(f"{what}: no data variable has dims (time, {', '.join(space)})")
+        return list(names)
+
+    def rows_from_xarray(self, ds, cfg: dict, what: str):
+        """Slide a (history + horizon) window over time; split chronologically; explicit Features."""
+        import datasets
+
+        cfg = self._with_layout(ds, cfg, what)
+        dims = find_dims(ds, what)
+        space = [dims["station"]] if dims["station"] else [dims["lat"], dims["lon"]]
+        times = ds[dims["time"]].values
+        hist, hor = int(cfg["history"]), int(cfg["horizon"])
+        if len(times) < hist + hor + 2:
+            raise ValueError(f"{what}: {len(times)} time steps is too few for history={hist} + horizon={hor}")
+
+        def stack(names):  # (V, T, *space) float32, non-finite values rejected with their location
+            arrs = []
+            for v in names:
+                a = ds[v].transpose(dims["time"], *space).values.astype(np.float32)
+                bad = ~np.isfinite(a)
+                if bad.any():
+                    t_bad = int(np.argwhere(bad)[0][0])
+                    raise ValueError(
+                        f"{what}: variable {v!r} has {int(bad.sum())} non-finite value(s) (first at "
+                        f"time {times[t_bad]}); fill or mask them before loading"
+                    )
+                arrs.append(a)
+            out = np.stack(arrs)
+            return out if dims["station"] is None else out[:, :, None, :]  # stations as a 1 x S row
+
+        x_all = stack(cfg["variables"])
+        y_all = None
+        label_names = None
+        if cfg["label_variable"]:
+            lab = ds[cfg["label_variable"]]
+            if lab.dims != (dims["time"],):
+                raise ValueError(f"{what}: label_variable {cfg['label_variable']!r} must have dims (time,), has {lab.dims}")
+            values = [str(v) for v in lab.values]
+            label_names = sorted(set(values))
+        else:
+            y_all = stack(cfg["target_variables"])
+        n_t = len(times)
+        bounds = np.cumsum([0] + [round(f * n_t) for f in cfg["split_fractions"][:2]] + [n_t])
+        bounds[-1] = n_t
+        grid = list(x_all.shape[-2:])
+        x_feat = datasets.Array3D(shape=(len(cfg["variables"]) * hist, *grid), dtype="float32")
+        feats = {"x": x_feat, "time": datasets.Value("string")}
+        if label_names is not None:
+            feats["label"] = datasets.ClassLabel(names=label_names)
+        else:
+            feats["y"] = datasets.Array3D(shape=(len(cfg["target_variables"]) * hor, *grid), dtype="float32")
+        features = datasets.Features(feats)
+        out = {}
+        for split, lo, hi in zip(("train", "validation", "test"), bounds[:-1], bounds[1:]):
+            ts = list(range(lo + hist - 1, hi - hor))  # the whole window lies inside [lo, hi)
+            if not ts:
+                raise ValueError(f"{what}: the {split} block ({hi - lo} steps) is shorter than a window")
+
+            def gen(ts=ts):
+                for t in ts:
+                    row = {"x": rearrange(x_all[:, t - hist + 1 : t + 1], "v k h w -> (v k) h w"), "time": str(times[t])}
+                    if label_names is not None:
+                        row["label"] = label_names.index(values[t + hor])
+                    else:
+                        row["y"] = rearrange(y_all[:, t + 1 : t + 1 + hor], "v k h w -> (v k) h w")
+                    yield row
+
+            out[split] = datasets.Dataset.from_generator(gen, features=features, keep_in_memory=True)
+        return datasets.DatasetDict(out)
+
+    def fit_config(self, raw, cfg):
+        """Per-variable mean / std over the train split's input windows (targets share the same stats)."""
+        ds = raw["train"].with_format("numpy")
+        hist = int(cfg["history"])
+        n_vars = len(cfg["variables"])
+        s1 = np.zeros(n_vars)
+        s2 = np.zeros(n_vars)
+        count = 0
+        for batch in ds.iter(batch_size=256):
+            x = rearrange(batch["x"].astype(np.float64), "b (v k) h w -> v (b k h w)", v=n_vars, k=hist)
+            s1 += x.sum(1)
+            s2 += (x**2).sum(1)
+            count += x.shape[1]
+        mean = s1 / count
+        std = np.sqrt(np.maximum(s2 / count - mean**2, 0)).clip(min=1e-6)
+        stats = {v: [float(m), float(s)] for v, m, s in zip(cfg["variables"], mean, std)}
+        missing = [v for v in cfg["target_variables"] if v not in stats]
+        if missing and not cfg["label_variable"]:
+            raise ValueError(f"weather: target variable(s) {missing} must also be input variables (stats come from them)")
+        grid = list(raw["train"].features["x"].shape[1:])
+        return {**cfg, "stats": {"vars": stats, "grid": grid}}
+
+    # ----------------------------------------------------------------- adapter
+    def _norm(self, a: torch.Tensor, names, cfg, steps) -> torch.Tensor:
+        st = cfg["stats"]["vars"]
+        mean = torch.tensor([st[v][0] for v in names for _ in range(steps)], dtype=a.dtype)
+        std = torch.tensor([st[v][1] for v in names for _ in range(steps)], dtype=a.dtype)
+        return (a - mean[:, None, None]) / std[:, None, None]
+
+    def denormalize(self, pred: torch.Tensor, cfg: dict) -> torch.Tensor:
+        """Standardised predictions ``[..., V_t * horizon * H * W]`` (flat or shaped) -> physical units."""
+        shape = pred.shape
+        c, h, w = self.target_shape_from_cfg(cfg)
+        p = pred.reshape(-1, c, h, w)
+        st = cfg["stats"]["vars"]
+        mean = torch.tensor([st[v][0] for v in cfg["target_variables"] for _ in range(cfg["horizon"])], dtype=p.dtype)
+        std = torch.tensor([st[v][1] for v in cfg["target_variables"] for _ in range(cfg["horizon"])], dtype=p.dtype)
+        return (p * std[:, None, None] + mean[:, None, None]).reshape(shape)
+
+    def _check_stats(self, cfg):
+        if not cfg.get("stats"):
+            raise ValueError("weather: cfg has no normalisation stats; pass m.fitted_config(dsd) from a loaded dataset")
+
+    def to_input(self, raw, cfg, train):
+        return self._tensors(raw, cfg, train)[0]
+
+    def example(self, raw, cfg, train):
+        x, y = self._tensors(raw, cfg, train)
+        return x, (torch.tensor(int(raw["label"]), dtype=torch.long) if y is None else y.reshape(-1))
+
+    def _tensors(self, raw, cfg, train):
+        """Normalised input ``C' x H x W`` and target ``V_t*horizon x H x W`` (None in label mode / prediction)."""
+        self._check_stats(cfg)
+        what = f"weather sample at {raw.get('time', '?')}"
+        x = check_finite(torch.as_tensor(np.asarray(raw["x"], np.float32)), what)
+        x = self._norm(x, cfg["variables"], cfg, int(cfg["history"]))
+        y = None
+        if raw.get("y") is not None:
+            y = self._norm(torch.as_tensor(np.asarray(raw["y"], np.float32)), cfg["target_variables"], cfg, int(cfg["horizon"]))
+        station = cfg["stats"].get("station", False)
+        if train and cfg["lon_roll"] and not station:
+            shift = int(torch.randint(0, x.shape[-1], ()))
+            x = torch.roll(x, shift, dims=-1)
+            y = torch.roll(y, shift, dims=-1) if y is not None else None
+        if station:
+            x = _stations_to_grid(x)
+        elif cfg["image_size"] is not None:
+            x = torch.nn.functional.interpolate(x[None], size=tuple(cfg["image_size"]), mode="bilinear", align_corners=False)[0]
+        return x.contiguous(), y
+
+    def target_shape_from_cfg(self, cfg) -> tuple[int, int, int]:
+        grid = cfg["stats"]["grid"]
+        return (len(cfg["target_variables"]) * int(cfg["horizon"]), int(grid[0]), int(grid[1]))
+
+    def target_shape(self, dsd) -> tuple[int, int, int]:
+        """Unflattened regression target ``(V_t * horizon, H, W)`` (``H = 1, W = S`` for stations)."""
+        return self.target_shape_from_cfg(self.fitted_config(dsd))
+
+    def label_names(self, dsd) -> list[str]:
+        """Class names (label mode) or the target variable names (forecast mode)."""
+        cfg = self.fitted_config(dsd)
+        if cfg["label_variable"]:
+            return super().label_names(dsd)
+        return list(cfg["target_variables"])
+
+    def num_outputs(self, dsd) -> int:
+        cfg = self.fitted_config(dsd)
+        if cfg["label_variable"]:
+            return len(super().label_names(dsd))
+        return int(np.prod(self.target_shape_from_cfg(cfg)))
+
+    def raw_from_file(self, path, cfg):
+        """The last ``history`` steps of a netCDF file / zarr store as one input row."""
+        self._check_stats(cfg)
+        ds = open_xarray(path)
+        what = f"weather file {str(path)!r}"
+        dims = find_dims(ds, what)
+        hist = int(cfg["history"])
+        if ds.sizes[dims["time"]] < hist:
+            raise ValueError(f"{what}: has {ds.sizes[dims['time']]} time steps, history needs {hist}")
+        space = [dims["station"]] if dims["station"] else [dims["lat"], dims["lon"]]
+        arrs = []
+        for v in cfg["variables"]:
+            if v not in ds:
+                raise ValueError(f"{what}: variable {v!r} (in the config) is missing")
+            arrs.append(ds[v].transpose(dims["time"], *space).values[-hist:].astype(np.float32))
+        x = np.stack(arrs)
+        if dims["station"]:
+            x = x[:, :, None, :]
+        times = ds[dims["time"]].values
+        return {"x": rearrange(x, "v k h w -> (v k) h w"), "time": str(times[-1])}
+
+    # ----------------------------------------------------------------- sources
+    def load_folder(self, path, cfg, seed=0):
+        return self.rows_from_xarray(open_xarray(path), cfg, f"weather folder {str(path)!r}")
+
+    def load(self, source="demo", path=None, cfg=None, seed=0, cache_dir=None, **kw):
+        """As :meth:`Modality.load`; the config is completed with the variables found in the data."""
+        if source == "hub":
+            hub_path = kw.pop("hub_path", None)
+            if not hub_path:
+                raise ValueError(f"weather: source='hub' needs hub_path=...; {self.hub.notes}")
+            cfg = self.config(cfg)
+            ds = open_xarray(hub_path)
+            return self.from_xarray(ds, cfg, what=f"Hub file {hub_path!r}")
+        cfg = self.config(cfg)
+        if source == "demo":
+            root = self.ensure_demo(cache_dir=cache_dir, seed=seed, **kw)
+            ds, what = open_xarray(root), f"weather demo {str(root)!r}"
+        elif source == "folder":
+            if path is None or not Path(path).exists():
+                raise ValueError(f"weather: source='folder' needs an existing path=, got {path!r}")
+            ds, what = open_xarray(path), f"weather folder {str(path)!r}"
+        else:
+            raise ValueError(f"weather: unknown source {source!r}; expected one of ('demo', 'folder', 'hub')")
+        return self.from_xarray(ds, cfg, what=what, seed=seed)
+
+    def make_demo(self, root, seed: int = 0, days: int = 60, nlat: int = 32, nlon: int = 64):
+        """Hourly global fields on a ``nlat x nlon`` grid for ``days`` days, WeatherBench-style files."""
+        import pandas as pd
+        import xarray as xr
+
+        root = Path(root)
+        t2m, q = simulate_fields(days * 24, nlat, nlon, seed)
+        lat = np.linspace(-90 + 90 / nlat, 90 - 90 / nlat, nlat)
+        lon = np.arange(nlon) * 360.0 / nlon
+        time = pd.date_range("2000-01-01", periods=days * 24, freq="h")
+        ds = xr.Dataset(
+            {
+                "t2m": (("time", "lat", "lon"), t2m, {"units": "K", "long_name": "2 m temperature"}),
+                "q": (("time", "lat", "lon"), q, {"units": "g kg-1", "long_name": "specific humidity"}),
+            },
+            coords={"time": time, "lat": lat, "lon": lon},
+            attrs={"source": "uniperc synthetic demo: advection + diffusion + diurnal cycle"},
+        )
+        for var in ds.data_vars:
+            for month, part in ds[[var]].groupby("time.month"):
+                out = root / var / f"{var}_{month:02d}.nc"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                part.to_netcdf(out)
+        return root
+
+
+def _stations_to_grid(x: torch.Tensor) -> torch.Tensor:
+    """``C x 1 x S`` station row -> ``C x side x side`` (row-major, zero padded)."""
+    c, _, s = x.shape
+    side = math.ceil(math.sqrt(s))
+    flat = x.new_zeros(c, side * side)
+    flat[:, :s] = x[:, 0]
+    return rearrange(flat, "c (h w) -> c h w", h=side)
+
+
+def open_xarray(path):
+    """A netCDF file, a zarr store, or a folder tree of them -> one in-memory ``xarray.Dataset``."""
+    import xarray as xr
+
+    path_s = str(path)
+    if path_s.startswith("hf://"):
+        return open_xarray(hub_download(path_s))
+    try:
+        p = Path(path)
+        if p.suffix == ".zarr" or (p / ".zgroup").exists() or (p / "zarr.json").exists():
+            return xr.open_zarr(p).load()
+        if p.is_file():
+            with xr.open_dataset(p) as ds:
+                return ds.load()
+        files = sorted(f for f in p.rglob("*") if f.suffix in (".nc", ".nc4", ".netcdf") or f.suffix == ".zarr")
+        files = [f for f in files if not any(part.endswith(".zarr") for part in f.relative_to(p).parts[:-1])]
+        if not files:
+            raise ValueError(f"weather: no .nc files or .zarr stores under {path_s!r}")
+        parts = [open_xarray(f) for f in files]
+        return xr.combine_by_coords(parts, combine_attrs="drop_conflicts")
+    except (OSError, KeyError) as e:
+        raise ValueError(f"weather: cannot read {path_s!r} with xarray ({e})") from None
+
+
+def hub_download(url: str) -> Path:
+    """``hf://datasets/<owner>/<repo>/<file.nc | store.zarr>`` -> a local copy in huggingface_hub's cache."""
+    prefix = "hf://datasets/"
+    parts = url[len(prefix):].strip("/").split("/", 2) if url.startswith(prefix) else []
+    if len(parts) < 3:
+        raise ValueError(f"weather: Hub path {url!r} must look like hf://datasets/<owner>/<repo>/<file>")
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    repo, inner = f"{parts[0]}/{parts[1]}", parts[2]
+    if inner.endswith(".zarr"):
+        return Path(snapshot_download(repo, repo_type="dataset", allow_patterns=[f"{inner}/**"])) / inner
+    return Path(hf_hub_download(repo, inner, repo_type="dataset"))
+
+
+def simulate_fields(steps: int, nlat: int, nlon: int, seed: int, diurnal: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
+    """Temperature and humidity on a global grid, hourly: semi-Lagrangian advection by a zonal jet
+    with a meandering meridional wind, explicit diffusion, a diurnal heating cycle tied to local solar time,
+    relaxation to a latitude profile and randomly injected warm / moist anomalies. ``diurnal`` is the
+    peak heating rate (K per hour) of the day-night cycle."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    rng = np.random.default_rng(seed)
+    lat = np.linspace(-90 + 90 / nlat, 90 - 90 / nlat, nlat)
+    lon = np.arange(nlon) * 360.0 / nlon
+    la, lo = np.meshgrid(np.radians(lat), np.radians(lon), indexing="ij")
+    t_eq = 300.0 - 45.0 * np.sin(la) ** 2  # K, latitude profile
+    q_eq = 18.0 * np.cos(la) ** 3 + 0.5  # g/kg
+    jet = 1.2 * np.cos(la) * (1 + 0.6 * np.sin(2 * la) ** 2)  # zonal speed, grid cells per hour
+    ii, jj = np.meshgrid(np.arange(nlat), np.arange(nlon), indexing="ij")
+    temp = t_eq + gaussian_filter(rng.normal(0, 4, (nlat, nlon)), 3, mode="wrap")
+    hum = q_eq * np.exp(gaussian_filter(rng.normal(0, 0.3, (nlat, nlon)), 3, mode="wrap"))
+    out_t = np.empty((steps, nlat, nlon), np.float32)
+    out_q = np.empty((steps, nlat, nlon), np.float32)
+    for n in range(steps):
+        hour = n % 24
+        # meandering meridional wind: a zonal wave-3 drifting east (0.8 cells/h, slower than the jet)
+        v = 0.3 * np.sin(3 * (lo - 2 * np.pi * 0.8 * n / nlon)) * np.cos(la)
+        src_i = np.clip(ii - v, 0, nlat - 1)
+        src_j = (jj - jet) % nlon
+        temp = map_coordinates(temp, [src_i, src_j], order=1, mode="grid-wrap")
+        hum = map_coordinates(hum, [src_i, src_j], order=1, mode="grid-wrap")
+        for field in (temp, hum):  # diffusion (periodic in lon, reflecting at the poles)
+            lap = (np.roll(field, 1, 1) + np.roll(field, -1, 1) - 2 * field
+                   + np.vstack([field[1:2], field[:-1]]) + np.vstack([field[1:], field[-2:-1]]) - 2 * field)
+            field += 0.08 * lap
+        solar = np.cos(2 * np.pi * (hour / 24.0) + lo - np.pi) * np.cos(la)  # local-noon maximum
+        temp += diurnal * solar - 0.02 * (temp - t_eq)
+        hum += 0.02 * (q_eq - hum) + 0.05 * np.clip(solar, 0, None) * q_eq / 18.0
+        if rng.random() < 0.05:  # a warm, moist anomaly appears somewhere
+            ci, cj = rng.integers(nlat), rng.integers(nlon)
+            d2 = (ii - ci) ** 2 + np.minimum(np.abs(jj - cj), nlon - np.abs(jj - cj)) ** 2
+            blob = np.exp(-d2 / (2 * rng.uniform(2, 5) ** 2))
+            temp += rng.uniform(-6, 6) * blob
+            hum *= 1 + rng.uniform(0, 0.5) * blob
+        out_t[n], out_q[n] = temp, hum
+    return out_t, out_q
+
+
+MODALITY = WeatherModality()

@@ -1,0 +1,144 @@
+"""Audio modality: espeak-ng digits demo, Speech Commands layout, fbank adapter, bad files, Hub mapping."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import datasets
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import modalities
+from modalities.audio import SPEECH_COMMANDS_V2_LABELS
+
+m = modalities.get("audio")
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+
+def tone(freq, sr, seconds=0.5):
+    t = np.arange(int(sr * seconds)) / sr
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def peak_bin(x):
+    return int(x[0].mean(dim=1).argmax())
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed")
+    return m.make_demo(tmp_path_factory.mktemp("audio") / "digits", seed=0, n_per_class=3)
+
+
+@needs_espeak
+def test_demo_has_every_digit_and_test_voices_unseen_in_training(demo_root):
+    digits = sorted(p.name for p in demo_root.iterdir() if p.is_dir())
+    assert digits == sorted(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    assert len(list(demo_root.rglob("*.wav"))) == 30
+    dsd = m.load("folder", path=demo_root, cfg=m.demo_config())
+    raw = {k: v.with_format(None) for k, v in dsd.items()}  # drops the transform: raw rows
+    variants = {k: {s.split("_", 1)[1] for s in v["speaker"]} for k, v in raw.items()}
+    assert variants["test"] and not variants["test"] & variants["train"]
+    assert not variants["validation"] & variants["train"]
+    pools = json.loads((demo_root / "voices.json").read_text())
+    assert variants["test"] <= set(pools["test"])
+    wave, sr = sf.read(next(demo_root.rglob("*.wav")))
+    assert sr == 22050 and 0.15 < len(wave) / sr < 2.0 and np.abs(wave).max() > 0.1
+
+
+@needs_espeak
+def test_loaded_samples_shape_and_specaugment_only_in_training(demo_root):
+    cfg = m.demo_config()
+    dsd = m.load("folder", path=demo_root, cfg=cfg)
+    assert m.label_names(dsd)[0] == "eight" and m.num_outputs(dsd) == 10
+    x = dsd["test"][0]["inputs"]
+    assert x.shape == (1, 128, 80) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert torch.equal(x, dsd["test"][0]["inputs"])
+    torch.manual_seed(0)
+    a, b = dsd["train"][0]["inputs"], dsd["train"][0]["inputs"]
+    assert not torch.equal(a, b)
+    assert m.input_size(cfg) == (128, 80) and m.in_chans(cfg) == 1
+
+
+def test_missing_espeak_fails_with_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="espeak-ng.*apt-get install -y espeak-ng"):
+        m.make_demo(tmp_path, n_per_class=1)
+
+
+def test_fbank_resamples_and_orders_frequencies(tmp_path):
+    cfg = m.config(target_frames=50, norm="fixed")
+    low = m.to_input({"audio": {"array": tone(500, 16000), "sampling_rate": 16000}}, cfg, False)
+    high = m.to_input({"audio": {"array": tone(2000, 16000), "sampling_rate": 16000}}, cfg, False)
+    assert low.shape == (1, 128, 50) and peak_bin(high) > peak_bin(low) + 10
+    # the same tone recorded at 8 kHz and 44.1 kHz peaks in the same mel bin after resampling
+    at8 = m.to_input({"audio": {"array": tone(2000, 8000), "sampling_rate": 8000}}, cfg, False)
+    at44 = m.to_input({"audio": {"array": tone(2000, 44100), "sampling_rate": 44100}}, cfg, False)
+    assert abs(peak_bin(at8) - peak_bin(high)) <= 1 and abs(peak_bin(at44) - peak_bin(high)) <= 1
+
+
+def test_pad_and_crop_to_fixed_frames():
+    cfg = m.config(target_frames=100)
+    short = m.to_input({"audio": {"array": tone(440, 16000, 0.2), "sampling_rate": 16000}}, cfg, False)
+    long = m.to_input({"audio": {"array": tone(440, 16000, 3.0), "sampling_rate": 16000}}, cfg, False)
+    assert short.shape == long.shape == (1, 128, 100)
+    # 0.2 s = 18 frames, centred: both edges are padding at the clip's silence floor
+    assert torch.equal(short[0, :, 0], short[0, :, -1]) and not torch.equal(short[0, :, 50], short[0, :, 0])
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG"])
+def test_read_file_formats_and_rates(tmp_path, fmt):
+    f = tmp_path / f"clip.{fmt.lower()}"
+    sf.write(f, tone(1000, 22050), 22050, format=fmt)
+    x = m.read_file(f, {"target_frames": 60})
+    assert x.shape == (1, 128, 60) and torch.isfinite(x).all()
+
+
+def test_bad_audio_raises_naming_the_file(tmp_path):
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF0000WAVEfmt garbage" * 3)
+    with pytest.raises(ValueError, match="corrupt.wav.*cannot decode"):
+        m.read_file(corrupt)
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    with pytest.raises(ValueError, match="empty.wav.*empty audio"):
+        m.read_file(empty)
+    with pytest.raises(ValueError, match="non-finite"):
+        m.to_input({"audio": {"array": np.full(1600, np.nan, np.float32), "sampling_rate": 16000}}, m.config(), False)
+
+
+def test_speech_commands_folder_split_by_speaker_hash(tmp_path):
+    for label in ("yes", "no", "_background_noise_"):
+        (tmp_path / label).mkdir()
+        for spk in range(12):
+            for k in range(2):
+                sf.write(tmp_path / label / f"spk{spk:02d}_nohash_{k}.wav", tone(300 + 50 * k, 16000, 0.1), 16000)
+    dsd = m.load("folder", path=tmp_path, cfg={"target_frames": 20})
+    assert m.label_names(dsd) == ["no", "yes"]  # folders starting with "_" are not classes
+    speakers = {}
+    for split, ds in dsd.items():
+        for path in ds.with_format(None)["audio"]:
+            speakers.setdefault(path["path"].rsplit("/", 1)[1].split("_nohash_")[0], set()).add(split)
+    assert all(len(s) == 1 for s in speakers.values()) and len(speakers) == 12
+
+
+def test_hub_mapping_drops_silence_and_keeps_35_words():
+    spec = m.hub_spec()
+    assert (spec.name, spec.config, spec.num_classes) == ("google/speech_commands", "v0.02", 35)
+    assert len(SPEECH_COMMANDS_V2_LABELS) == 35 and "audio" in spec.decode_off
+    # a two-class stand-in with the Hub's schema (label ids in the Hub's order, plus _silence_)
+    hub_names = list(SPEECH_COMMANDS_V2_LABELS) + ["_silence_"]
+    fake = datasets.Dataset.from_dict(
+        {"file": ["a", "b", "c"], "audio": [{"bytes": b"x", "path": "a"}] * 3, "label": [34, 35, 0],
+         "is_unknown": [False] * 3, "speaker_id": ["s1", "s2", "s3"], "utterance_id": [0, 0, 0]},
+        features=datasets.Features({"file": datasets.Value("string"),
+                                    "audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+                                    "label": datasets.ClassLabel(names=hub_names), "is_unknown": datasets.Value("bool"),
+                                    "speaker_id": datasets.Value("string"), "utterance_id": datasets.Value("int8")}),
+    )
+    out = m.from_hub(fake, spec, m.config())
+    assert out.column_names == ["audio", "label", "speaker"] and len(out) == 2
+    assert [out.features["label"].int2str(y) for y in out["label"]] == ["zero", "backward"]
