@@ -22,7 +22,9 @@ output is never stored or recomputed.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import math
 import importlib.util
 import os
 from typing import Optional
@@ -31,13 +33,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 #: Largest odd kernel size accepted. The kernels loop over taps at run time, so this is not a
 #: hardware limit; it bounds the K*K partial-sum buffer of the weight gradient and is the range tested.
 MAX_KERNEL_SIZE = 127
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "UNIPERC_DWCONV"
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # fp64: exact reparam checks
 
 
 def _parse_backend(name, source: str) -> str:
@@ -69,6 +72,7 @@ def _triton_kernels():
         raise RuntimeError(f"dwconv backend 'triton' needs the triton package: {exc}") from exc
 
 
+@functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -93,9 +97,19 @@ def _uses_triton(x: Tensor) -> bool:
                        f"got a tensor on {x.device}")
 
 
-def _with_strides_of(y: Tensor, x: Tensor) -> Tensor:
-    """``y`` with exactly ``x``'s strides (what the fake implementation promises)."""
-    return y if y.stride() == x.stride() else torch.empty_like(x).copy_(y)
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """Layout of the output (and of the gradients fed to the kernels): channels_last when the channels
+    of ``x`` are its unit-stride dim, NCHW otherwise. The fake implementation promises exactly this."""
+    return torch.channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """Accumulation / weight-gradient dtype: fp32, or fp64 for fp64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _empty_output(x: Tensor) -> Tensor:
+    return torch.empty_like(x, memory_format=_memory_format(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,43 +121,45 @@ def _dwconv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optio
                  shift: Optional[Tensor], dilation: int) -> Tensor:
     """``(dwconv(x, weight) + bias) * scale + shift``; inputs already validated by :func:`dwconv2d`."""
     if _uses_triton(x):
-        return _triton_kernels().forward(x, weight, bias, scale, shift, dilation)
+        return _triton_kernels().forward(x, weight, bias, scale, shift, dilation, out=_empty_output(x))
     k = weight.shape[-1]
     y = F.conv2d(x, weight, bias, padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
     if scale is not None:
         y = y * scale.view(1, -1, 1, 1)
     if shift is not None:
         y = y + shift.view(1, -1, 1, 1)
-    return _with_strides_of(y, x)
+    out = _empty_output(x)  # uninitialised; only written if F.conv2d chose other strides
+    return y if y.stride() == out.stride() else out.copy_(y)
 
 
 @_dwconv2d_op.register_fake
 def _dwconv2d_fake(x, weight, bias, scale, shift, dilation):
-    return torch.empty_like(x)
+    return _empty_output(x)
 
 
 @torch.library.custom_op("uniperc::dwconv2d_weight_grad", mutates_args=())
 def _weight_grad_op(grad_out: Tensor, x: Tensor, kernel_size: int, dilation: int) -> Tensor:
-    """fp32 gradient ``(C, 1, K, K)`` of ``sum(grad_out * dwconv(x, w))`` w.r.t. ``w``."""
+    """Gradient ``(C, 1, K, K)`` of ``sum(grad_out * dwconv(x, w))`` w.r.t. ``w``, in the accumulation
+    dtype (fp32, fp64 for fp64 inputs) so the affine gradients derived from it keep full precision."""
     if _uses_triton(x):
         return _triton_kernels().weight_grad(grad_out, x, kernel_size, dilation)
     c = x.shape[1]
+    # aten's conv backward only reads the weight's shape when just the weight gradient is asked for
     _, gw, _ = torch.ops.aten.convolution_backward(
         grad_out, x, x.new_empty(c, 1, kernel_size, kernel_size), None, [1, 1],
         [dilation * (kernel_size // 2)] * 2, [dilation, dilation], False, [0, 0], c, [False, True, False])
-    return gw.float()
+    return gw.to(_acc_dtype(x))
 
 
 @_weight_grad_op.register_fake
 def _weight_grad_fake(grad_out, x, kernel_size, dilation):
-    return x.new_empty(x.shape[1], 1, kernel_size, kernel_size, dtype=torch.float32)
+    return x.new_empty(x.shape[1], 1, kernel_size, kernel_size, dtype=_acc_dtype(x))
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, scale, shift, dilation = inputs
     ctx.save_for_backward(x, weight, bias, scale)
     ctx.dilation = dilation
-    ctx.has_bias, ctx.has_shift = bias is not None, shift is not None
 
 
 def _backward(ctx, grad_out):
@@ -152,42 +168,48 @@ def _backward(ctx, grad_out):
     ``ds = sum(dy * z) = sum_ij(w * G) + b * sum(dy)`` -- no need to keep ``z`` from the forward."""
     x, weight, bias, scale = ctx.saved_tensors
     need_x, need_w, need_b, need_s, need_t, _ = ctx.needs_input_grad
-    k, d = weight.shape[-1], ctx.dilation
-    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-    grad_out = grad_out.contiguous(memory_format=fmt)
+    k, d, acc = weight.shape[-1], ctx.dilation, _acc_dtype(x)
+    grad_out = grad_out.contiguous(memory_format=_memory_format(x))
     gx = gw = gb = gs = gt = None
     if need_x:
         gx = _dwconv2d_op(grad_out, weight.flip((-2, -1)), None, scale, None, d)
-    s32 = scale.float() if scale is not None else None
+    s_acc = scale.to(acc) if scale is not None else None
     if need_w or need_s:
         g = _weight_grad_op(grad_out, x, k, d)
         if need_w:
-            gw = (g * s32.view(-1, 1, 1, 1) if s32 is not None else g).to(weight.dtype)
+            gw = (g * s_acc.view(-1, 1, 1, 1) if s_acc is not None else g).to(weight.dtype)
         if need_s:
-            gs32 = (g * weight.float()).sum((1, 2, 3))
+            gs_acc = (g * weight.to(acc)).sum((1, 2, 3))
     if need_b or need_t or (need_s and bias is not None):
-        dy_sum = grad_out.sum((0, 2, 3), dtype=torch.float32)
+        dy_sum = grad_out.sum((0, 2, 3), dtype=acc)
         if need_b:
-            gb = (dy_sum * s32 if s32 is not None else dy_sum).to(bias.dtype)
+            gb = (dy_sum * s_acc if s_acc is not None else dy_sum).to(bias.dtype)
         if need_t:
             gt = dy_sum.to(grad_out.dtype)
     if need_s:
         if bias is not None:
-            gs32 = gs32 + bias.float() * dy_sum
-        gs = gs32.to(scale.dtype)
+            gs_acc = gs_acc + bias.to(acc) * dy_sum
+        gs = gs_acc.to(scale.dtype)
     return gx, gw, gb, gs, gt, None
 
 
 _dwconv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# 2*K*K FLOPs per output element, so ``FlopCounterMode`` counts the op (it cannot see inside a custom op).
+@register_flop_formula(torch.ops.uniperc.dwconv2d)
+def _forward_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(x_shape) * weight_shape[-1] ** 2
+
+
+@register_flop_formula(torch.ops.uniperc.dwconv2d_weight_grad)
+def _weight_grad_flops(grad_out_shape, x_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(grad_out_shape) * kernel_size ** 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-
-def _is_channels_last(x: Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
 
 def _check_vector(name: str, v, x: Tensor) -> None:
     if v is None:
@@ -207,12 +229,16 @@ def _validate(x, weight, bias, scale, shift, dilation) -> None:
         raise ValueError(f"x must be a 4-D (B, C, H, W) Tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if x.dtype not in _DTYPES:
         raise ValueError(f"x dtype must be one of {_DTYPES}, got {x.dtype}")
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError(f"x must be contiguous in NCHW or channels_last memory format, got strides "
-                         f"{tuple(x.stride())} for shape {tuple(x.shape)}; call .contiguous() first")
+    # Any batch / channel stride works (e.g. a channel slice of a bigger tensor), but the rows (NCHW)
+    # or the channels (channels_last) must be unit-stride: other layouts are not what the kernels
+    # are tiled for and usually mean a forgotten .contiguous().
+    if not (x.stride(3) == 1 or x.shape[3] == 1 or x.stride(1) == 1 or x.shape[1] == 1):
+        raise ValueError(f"x must be laid out as NCHW or channels_last (unit stride along W or along C), got "
+                         f"strides {tuple(x.stride())} for shape {tuple(x.shape)}; call .contiguous() first")
     c = x.shape[1]
-    if c * x.shape[2] * x.shape[3] >= 2 ** 31:
-        raise ValueError(f"x: one sample has C*H*W = {c * x.shape[2] * x.shape[3]} elements; at most 2**31 - 1 supported")
+    span = sum((n - 1) * st for n, st in zip(x.shape[1:], x.stride()[1:]))
+    if span >= 2 ** 31:
+        raise ValueError(f"x: one sample spans {span + 1} elements in memory; at most 2**31 supported")
     if not isinstance(weight, Tensor) or weight.dim() != 4 or weight.shape[0] != c or weight.shape[1] != 1 \
             or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"weight must have shape (C, 1, K, K) = ({c}, 1, K, K) for a depthwise conv of x with "
@@ -236,13 +262,15 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, dilati
              scale: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
     """Depthwise, stride-1, 'same'-padded conv: ``(conv(x, weight) + bias) * scale + shift``.
 
-    ``x`` is ``(B, C, H, W)`` in NCHW or channels_last layout (the output keeps it), ``weight`` is
+    ``x`` is ``(B, C, H, W)`` in NCHW or channels_last layout (the output keeps it; batch and channel
+    slices of a bigger tensor are fine), ``weight`` is
     ``(C, 1, K, K)`` with odd ``K <= MAX_KERNEL_SIZE``; ``bias``, ``scale``, ``shift`` are ``(C,)``
-    or None (``scale``/``shift`` carry a folded BatchNorm or a layer scale). fp32, bf16 and fp16, all
+    or None (``scale``/``shift`` carry a folded BatchNorm or a layer scale). fp32, bf16 and fp16 (and
+    fp64, accumulated in fp64, for exactness checks), all
     arguments of one dtype and device -- except under ``torch.autocast``, where, like ``F.conv2d``,
     every argument is cast to the autocast dtype first. Bad arguments raise ``ValueError``.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, Tensor) and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight, bias, scale, shift = (
             v.to(dt) if isinstance(v, Tensor) and v.is_floating_point() else v
