@@ -6,6 +6,7 @@ from . import blocks, ops, variants  # noqa: F401  (registration side effects)
 from .backbone import UniPercNet
 from .convert import convert_checkpoint, load_converted
 from .reparam import reparameterize
+from .export import load
 
 __version__ = "0.1.0"
-__all__ = ["UniPercNet", "convert_checkpoint", "load_converted", "reparameterize"]
+__all__ = ["UniPercNet", "convert_checkpoint", "load_converted", "reparameterize", "load"]

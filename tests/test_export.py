@@ -1,0 +1,86 @@
+"""Export in deploy form: uniperc.load and timm's pretrained path rebuild models with the same outputs."""
+import json
+
+import pytest
+import timm
+import torch
+
+import uniperc
+from uniperc.export import export, timm_model
+from uniperc.multimodal import MultiModalNet
+
+TINY = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), kernel_sizes=(3, 5, 7, 5))
+TASKS = {"audio": dict(in_chans=1, task="classification", num_outputs=5, output_names=list("abcde")),
+         "image": dict(in_chans=3, task="multilabel", num_outputs=4)}
+
+
+def _trained_like(model):
+    """Random BatchNorm statistics and affine terms, so that folding them is not a no-op."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def test_multimodal_export_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = _trained_like(MultiModalNet("unireplknet_a", TASKS, TINY))
+    xa, xi = torch.randn(2, 1, 32, 24), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(xa, "audio"), model(xi, "image")
+    export(model, tmp_path)
+    loaded = uniperc.load(tmp_path)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.stages.modules())  # deploy form
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.stages.modules())  # the original is untouched
+    with torch.no_grad():
+        out = loaded(xa, "audio"), loaded(xi, "image")
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert loaded.tasks["audio"]["output_names"] == list("abcde") and loaded.heads["image"].task == "multilabel"
+    assert "timm" not in json.loads((tmp_path / "config.json").read_text())  # two stems: not one timm model
+
+
+def test_single_modality_export_loads_in_timm(tmp_path):
+    torch.manual_seed(1)
+    model = _trained_like(MultiModalNet("unireplknet_a", {"audio": TASKS["audio"]}, TINY))
+    x = torch.randn(3, 1, 32, 24)
+    with torch.no_grad():
+        ref = model(x, "audio")
+    export(model, tmp_path)
+    recipe = json.loads((tmp_path / "config.json").read_text())["timm"]
+    net = timm.create_model(recipe["model_name"], pretrained=True, **recipe["kwargs"],
+                            pretrained_cfg_overlay=dict(recipe["pretrained_cfg_overlay"],
+                                                        file=str(tmp_path / "timm_model.safetensors"))).eval()
+    assert isinstance(net, uniperc.UniPercNet)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(timm_model(tmp_path)(x), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_load_rejects_non_export_dirs(tmp_path):
+    with pytest.raises(ValueError, match="not a uniperc export"):
+        uniperc.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="format"):
+        uniperc.load(tmp_path)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("uniconvnet_a", dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))),
+    ("pelk_t", dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), kernel_sizes=(7, 7, 7, 7))),
+    ("van_b0", dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))),
+])
+def test_every_family_serves_as_shared_backbone_and_exports(tmp_path, name, kwargs):
+    torch.manual_seed(0)
+    model = _trained_like(MultiModalNet(name, TASKS, kwargs))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x, "image")
+    assert ref.shape == (2, 4)
+    export(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(uniperc.load(tmp_path)(x, "image"), ref, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,152 @@
+"""Training: configuration checks, batch interleaving, tiny end-to-end runs per modality and jointly."""
+import json
+import math
+
+import pytest
+import torch
+
+import uniperc.heads
+from uniperc.train import NonFiniteLossError, apply_overrides, compose, resolve, run
+from uniperc.train.checkpoint import MARKER, latest
+from uniperc.train.config import CONFIG_DIR
+from uniperc.train.data import schedule
+
+TINY = str(CONFIG_DIR / "tiny.yaml")
+MODALITIES = ["image", "audio", "point_cloud", "weather", "video"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Demo sets for these tests go to a private cache (tiny, generated once per module)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UNIPERC_DATA", str(tmp_path_factory.mktemp("data")))
+    yield
+    mp.undo()
+
+
+def tiny(modalities, out, *overrides):
+    return compose(modalities, TINY, [f"output_dir={out}", *overrides])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=-1", "train.lr"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("train.grad_accum=0", "train.grad_accum"),
+    ("train.interleave=random", "train.interleave"),
+    ("train.lrr=0.1", "train.lrr"),
+    ("modalities.image.batch_size=0", "modalities.image.batch_size"),
+    ("modalities.image.config.image_size=2", "image_size"),
+    ("modalities.image.config.colour=1", "colour"),
+    ("model.backbone=resnet_nope", "model.backbone"),
+    ("model.mixer=nope", "model.mixer"),
+    ("train.ema.decay=2", "train.ema.decay"),
+])
+def test_invalid_values_fail_before_training_naming_the_key(tmp_path, override, key):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        run(tiny(["image"], out, override))
+    assert not out.exists()  # nothing was written, let alone trained
+
+
+def test_compose_and_overrides():
+    cfg = compose(["audio", "image"], None, ["train.lr=5e-4", "model.kwargs.dims=[8,16,32,64]"])
+    assert set(cfg["modalities"]) == {"audio", "image"}
+    assert cfg["train"]["lr"] == 5e-4 and cfg["model"]["kwargs"]["dims"] == [8, 16, 32, 64]
+    assert apply_overrides({}, ["a.b=[1, 2]"]) == {"a": {"b": [1, 2]}}
+    with pytest.raises(ValueError, match="key.path=value"):
+        apply_overrides({}, ["train.lr"])
+    resolved = resolve(compose(["audio"], None))
+    assert resolved["modalities"]["audio"]["config"]["n_mels"] == 40  # configs/audio.yaml over the demo preset
+
+
+def test_schedule_round_robin_and_proportional():
+    lengths = {"a": 3, "b": 1, "c": 2}
+    assert schedule(lengths, "round_robin", 0, 0) == ["a", "b", "c", "a", "c", "a"]
+    p0 = schedule(lengths, "proportional", 7, 3)
+    assert sorted(p0) == sorted(["a"] * 3 + ["b"] + ["c"] * 2)
+    assert p0 == schedule(lengths, "proportional", 7, 3)  # a function of (seed, epoch): same on every process
+    assert any(schedule({"a": 20, "b": 20}, "proportional", 7, e) != schedule({"a": 20, "b": 20}, "proportional", 7, 0)
+               for e in range(1, 4))
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_tiny_end_to_end(tmp_path, modality):
+    result = run(tiny([modality], tmp_path / modality))
+    test = result["metrics"]["test"][modality]
+    assert test and all(math.isfinite(v) for v in test.values())
+    out = tmp_path / modality
+    for name in ("training_curves.png", "metrics.csv", "metrics.json", "model/model.safetensors", "model/config.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,name,value" and any(f"train/{modality}/loss" in r for r in rows[1:])
+    assert result["steps"] == 4 and (latest(out) / MARKER).is_file()
+
+
+def test_joint_training_interleaves_all_modalities(tmp_path):
+    mods = ["audio", "image", "point_cloud"]
+    result = run(tiny(mods, tmp_path / "joint", "train.max_steps=6", "train.interleave=round_robin"))
+    assert set(result["metrics"]["test"]) == set(mods)
+    trained = [h["modality"] for h in result["history"] if h["kind"] == "train"]
+    assert trained == mods * 2  # round robin, log_every=1
+    spec = json.loads((tmp_path / "joint" / "model_spec.json").read_text())
+    assert {m: spec["tasks"][m]["in_chans"] for m in mods} == {"audio": 1, "image": 3, "point_cloud": 4}
+
+
+def test_bf16_ema_and_gradient_accumulation(tmp_path):
+    result = run(tiny(["image"], tmp_path / "r", "train.mixed_precision=bf16", "train.ema.enabled=true",
+                      "train.grad_accum=2", "train.max_steps=4"))
+    state = json.loads((latest(tmp_path / "r") / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["updates"] == 2  # one optimizer update per two batches
+    assert math.isfinite(result["metrics"]["test"]["image"]["loss"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss = uniperc.heads.TaskHead.loss
+    calls = {"n": 0}
+
+    def loss(self, logits, labels):
+        calls["n"] += 1
+        value = real_loss(self, logits, labels)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(uniperc.heads.TaskHead, "loss", loss)
+    with pytest.raises(NonFiniteLossError, match=r"step 3 .*'image' batch"):
+        run(tiny(["image"], tmp_path / "r", "train.checkpoint_every=2"))
+    good = latest(tmp_path / "r")
+    assert good.name == "step_00000002"
+    state = torch.load(good / "random_states_0.pkl", weights_only=False)  # a complete Accelerate state
+    assert "torch_manual_seed" in state
+
+
+def test_evaluate_and_predict_reproduce_the_trained_model(tmp_path):
+    import modalities
+    from uniperc.evaluate import evaluate_checkpoint
+    from uniperc.predict import load_any, main as predict_main, predict_files
+
+    result = run(tiny(["image"], tmp_path / "r"))
+    again = evaluate_checkpoint(tmp_path / "r", split="test")  # through the exported deploy-form model
+    for key, value in result["metrics"]["test"]["image"].items():
+        assert again["image"][key] == pytest.approx(value, abs=1e-3), key
+    report = json.loads((tmp_path / "r" / "eval_image_test.json").read_text())
+    assert sum(map(sum, report["confusion_matrix"])) == report["samples"]
+    assert (tmp_path / "r" / "confusion_image_test.png").stat().st_size > 1000
+
+    root = modalities.get("image").ensure_demo(seed=0, n_per_class=6)  # the same files, read as a plain folder
+    again = evaluate_checkpoint(tmp_path / "r", split="test", source="folder", path=str(root), output=tmp_path / "ev")
+    assert again["image"]["top1"] == pytest.approx(result["metrics"]["test"]["image"]["top1"], abs=1e-3)
+    assert (tmp_path / "ev" / "eval_image_test.json").is_file()
+
+    files = sorted((root / "test").rglob("*.png"))[:3]
+    model, _ = load_any(tmp_path / "r" / "checkpoints" / latest(tmp_path / "r").name)  # train-form checkpoint
+    rows = predict_files(model, files)
+    names = model.tasks["image"]["output_names"]
+    for f, row in zip(files, rows):
+        x = modalities.get("image").read_file(f, model.tasks["image"]["adapter_config"])
+        with torch.no_grad():
+            probs = model(x[None], "image").softmax(-1)[0]
+        assert row["top"][0]["label"] == names[int(probs.argmax())]
+        assert row["top"][0]["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
+    with pytest.raises(ValueError, match="extension"):
+        predict_files(model, [tmp_path / "r" / "metrics.json"])
+    predict_main(["--checkpoint", str(tmp_path / "r"), str(files[0])])  # the CLI path, on the export

@@ -1,0 +1,115 @@
+"""Evaluate a trained model: ``python -m uniperc.evaluate --checkpoint DIR [--source folder --path P]``.
+
+For each of the model's modalities (or ``--modality``) it loads the split (default ``test``; the data source
+of the training config unless ``--source``/``--path`` say otherwise) with the adapter config saved at training
+time, prints the metrics, and writes ``eval_<modality>_<split>.json`` plus, for classification, a
+confusion-matrix PNG into ``--output`` (default: the checkpoint directory). Runs under ``accelerate launch`` too
+(the split is sharded and the outputs gathered).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def plot_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str) -> Path:
+    """Row-normalised confusion matrix with the counts written in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=90)
+    ax.set_yticks(range(n), names)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    if n <= 40:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str | None = None,
+                        path: str | None = None, modality: str | None = None, output: str | Path | None = None,
+                        batch_size: int = 64) -> dict:
+    """Metrics per modality (also written as JSON / PNG files, see the module docstring)."""
+    from accelerate import Accelerator
+
+    from .heads import confusion_matrix
+    from .predict import load_any
+    from .train.config import MODALITY_DEFAULTS, merge
+    from .train.data import load_task, make_loader
+    from .train.evaluation import evaluate
+
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split must be train, validation or test, got {split!r}")
+    if source == "folder" and not path:
+        raise ValueError("--source folder needs --path")
+    model, meta = load_any(checkpoint)
+    names = [modality] if modality else model.modalities
+    for name in names:
+        if name not in model.modalities:
+            raise ValueError(f"--modality {name!r}: the model has {model.modalities}")
+    train_cfg = meta.get("train_config") or {}
+    out_dir = Path(output) if output else Path(checkpoint)
+    accelerator = Accelerator()
+    base, model = model, accelerator.prepare(model)
+    results = {}
+    for name in names:
+        spec = base.tasks[name]
+        section = merge(MODALITY_DEFAULTS, (train_cfg.get("modalities") or {}).get(name) or {})
+        section["config"] = spec["adapter_config"]
+        if source is not None:
+            section["source"], section["path"] = source, path
+        data = load_task(name, section, seed=train_cfg.get("seed", 0))
+        loader = accelerator.prepare(make_loader(data.splits[split], batch_size, False, 0, 0))
+        head = base.heads[name]
+        metrics, outputs, labels = evaluate(accelerator, model, head, loader, name)
+        results[name] = metrics
+        accelerator.print(f"{name} {split} ({len(labels)} samples, {section['source']}): "
+                          + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if accelerator.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            report = {"modality": name, "split": split, "source": section["source"], "path": section["path"],
+                      "checkpoint": str(checkpoint), "samples": len(labels), "metrics": metrics}
+            if spec["task"] == "classification":
+                matrix = confusion_matrix(outputs, labels, spec["num_outputs"])
+                report["confusion_matrix"] = matrix.tolist()
+                report["confusion_png"] = str(plot_confusion(
+                    matrix, spec["output_names"], out_dir / f"confusion_{name}_{split}.png",
+                    f"{name} {split}: top-1 {metrics['top1']:.2f}%"))
+            (out_dir / f"eval_{name}_{split}.json").write_text(json.dumps(report, indent=1))
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate a trained uniperc model on a data split.")
+    parser.add_argument("--checkpoint", required=True, help="export dir, run output_dir or checkpoints/step_N dir")
+    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    parser.add_argument("--source", choices=("demo", "folder", "hub"), help="data source (default: as in training)")
+    parser.add_argument("--path", help="folder of real files for --source folder")
+    parser.add_argument("--modality", help="evaluate only this modality of the model")
+    parser.add_argument("--output", help="where to write the JSON / PNG (default: the checkpoint dir)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    evaluate_checkpoint(args.checkpoint, args.split, args.source, args.path, args.modality, args.output, args.batch_size)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,122 @@
+"""Export a trained model in deploy form (safetensors + JSON config) and load it back.
+
+An export directory holds:
+
+* ``model.safetensors``: the re-parameterised (deploy-form, :func:`uniperc.reparameterize`) weights of the
+  whole :class:`~uniperc.multimodal.MultiModalNet` (every stem, the shared stages, every head);
+* ``config.json``: backbone name and arguments, and per modality the task, output names, input channels and
+  size, and the fitted adapter config that :meth:`modalities.Modality.read_file` needs at prediction time;
+* for a single-modality model also ``timm_model.safetensors``: the same weights under the plain timm model's
+  keys, loadable with ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``
+  (the exact arguments are in ``config.json["timm"]``; :func:`timm_model` does it for you).
+
+``uniperc.load(DIR)`` rebuilds the model in deploy form and returns it in eval mode; its outputs equal those of
+the exported model in eval mode (up to float rounding of the folded kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .multimodal import MultiModalNet
+from .reparam import reparameterize
+
+FORMAT = "uniperc.multimodal"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TIMM_WEIGHTS_FILE = "timm_model.safetensors"
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def export(model: MultiModalNet, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model`` (left unchanged: a deep copy is re-parameterised) to ``directory``; returns it."""
+    if not isinstance(model, MultiModalNet):
+        raise ValueError(f"export expects a MultiModalNet, got {type(model).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    deployed = reparameterize(copy.deepcopy(model).cpu().float().eval())
+    save_file(_contiguous(deployed.state_dict()), str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+    config = {"format": FORMAT, "version": 1, "deploy": True, "backbone": model.backbone_name,
+              "backbone_kwargs": model.backbone_kwargs, "tasks": model.tasks, **(extra or {})}
+    if len(model.modalities) == 1:
+        (name,) = model.modalities
+        spec = model.tasks[name]
+        save_file(_contiguous(deployed.timm_state_dict(name)), str(directory / TIMM_WEIGHTS_FILE))
+        config["timm"] = {
+            "model_name": model.backbone_name,
+            "kwargs": {"in_chans": int(spec["in_chans"]), "num_classes": int(spec["num_outputs"]),
+                       **model.backbone_kwargs},
+            "pretrained_cfg_overlay": {"file": TIMM_WEIGHTS_FILE, "num_classes": int(spec["num_outputs"]),
+                                       "input_size": [int(spec["in_chans"]), *spec.get("input_size", (224, 224))]},
+        }
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=list))
+    return directory
+
+
+def read_config(directory: str | Path) -> dict:
+    """``config.json`` of an export directory; ``ValueError`` if ``directory`` is not one."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{str(directory)!r} is not a uniperc export directory (no {CONFIG_FILE})")
+    config = json.loads(path.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a uniperc export config (format {config.get('format')!r})")
+    return config
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu") -> MultiModalNet:
+    """Rebuild an exported model (deploy form, eval mode) from ``directory``."""
+    config = read_config(directory)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{str(directory)!r} has no {WEIGHTS_FILE}")
+    model = MultiModalNet(config["backbone"], config["tasks"], config["backbone_kwargs"])
+    if config.get("deploy", True):
+        reparameterize(model)
+    state = load_file(str(weights))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{str(weights)!r} does not fit the model described by its config.json: {e}") from None
+    return model.to(device).eval()
+
+
+def timm_model(directory: str | Path):
+    """The single-modality export as a plain timm model, through timm's own pretrained-loading path."""
+    import timm
+
+    import uniperc  # noqa: F401  (registers the variants)
+
+    config = read_config(directory)
+    if "timm" not in config:
+        raise ValueError(f"{str(directory)!r} holds a multi-modality model; only single-modality exports load in timm")
+    recipe = config["timm"]
+    overlay = dict(recipe["pretrained_cfg_overlay"], file=str(Path(directory) / recipe["pretrained_cfg_overlay"]["file"]))
+    return timm.create_model(recipe["model_name"], pretrained=True, pretrained_cfg_overlay=overlay,
+                             **recipe["kwargs"]).eval()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Export a trained uniperc model (deploy form) to safetensors.")
+    parser.add_argument("--checkpoint", required=True, help="run output dir, checkpoint dir or export dir")
+    parser.add_argument("--output", required=True, help="export directory to write")
+    args = parser.parse_args(argv)
+    from .predict import load_any
+
+    model, meta = load_any(args.checkpoint)
+    out = export(model, args.output, extra={k: v for k, v in meta.items() if k not in _OWN_KEYS})
+    print(f"exported {', '.join(model.modalities)} model to {out}")
+
+
+_OWN_KEYS = {"format", "version", "deploy", "backbone", "backbone_kwargs", "tasks", "timm"}
+
+if __name__ == "__main__":
+    main()

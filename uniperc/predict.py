@@ -1,0 +1,121 @@
+"""Classify raw files with a trained model: ``python -m uniperc.predict --checkpoint DIR FILE...``.
+
+Each file goes through its modality's own reader (``modalities.get(m).read_file``: .wav/.flac audio,
+.ply/.off/.pcd point clouds, .nc weather, .mp4 video, .png images), with the adapter config saved at training
+time, then through that modality's stem and head. The modality is chosen from the file extension among the
+model's modalities (``--modality`` forces one).
+
+``--checkpoint`` accepts an export directory (``uniperc.export``), a training run's ``output_dir`` (its
+``model/`` export) or one checkpoint folder ``<output_dir>/checkpoints/step_N`` (train-form weights).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from . import export as export_mod
+from .multimodal import MultiModalNet
+from .train.checkpoint import MARKER
+
+
+def load_any(path: str | Path, device: str = "cpu") -> tuple[MultiModalNet, dict]:
+    """``(model in eval mode, its config)`` from an export dir, a run dir or a checkpoint dir."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if (path / export_mod.CONFIG_FILE).is_file():
+        return export_mod.load(path, device), export_mod.read_config(path)
+    if (path / "model" / export_mod.CONFIG_FILE).is_file():
+        return export_mod.load(path / "model", device), export_mod.read_config(path / "model")
+    if (path / MARKER).is_file():
+        spec_file = path.parent.parent / "model_spec.json"
+        if not spec_file.is_file():
+            raise ValueError(f"checkpoint {str(path)!r}: its run folder has no model_spec.json")
+        spec = json.loads(spec_file.read_text())
+        model = MultiModalNet(spec["backbone"], spec["tasks"], spec["backbone_kwargs"])
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise ValueError(f"checkpoint {str(path)!r} has no model.safetensors")
+        model.load_state_dict(load_file(str(weights)), strict=True)
+        run_config = path.parent.parent / "config.yaml"
+        if run_config.is_file():
+            import yaml
+
+            spec["train_config"] = yaml.safe_load(run_config.read_text())
+        return model.to(device).eval(), spec
+    raise ValueError(f"{str(path)!r} is neither an export directory, a run output_dir nor a complete checkpoint")
+
+
+def modality_for(path: Path, model: MultiModalNet, forced: str | None = None) -> str:
+    """The model's modality that reads ``path`` (by extension), or ``forced``."""
+    import modalities
+
+    if forced is not None:
+        if forced not in model.modalities:
+            raise ValueError(f"--modality {forced!r}: the model has {model.modalities}")
+        return forced
+    matches = [m for m in model.modalities
+               if path.name.lower().endswith(tuple(modalities.get(m).file_extensions))]
+    if len(matches) != 1:
+        raise ValueError(f"file {str(path)!r}: {'no' if not matches else 'more than one'} modality of the model "
+                         f"({model.modalities}) reads this extension{'' if not matches else ': ' + str(matches)}; "
+                         f"pass --modality")
+    return matches[0]
+
+
+@torch.no_grad()
+def predict_files(model: MultiModalNet, files: list[str | Path], modality: str | None = None, top_k: int = 3) -> list[dict]:
+    """One result dict per file: modality, and the top classes with probabilities (or regression values)."""
+    import modalities
+
+    results = []
+    for f in files:
+        f = Path(f)
+        name = modality_for(f, model, modality)
+        spec = model.tasks[name]
+        x = modalities.get(name).read_file(f, spec.get("adapter_config"))
+        probs = model.heads[name].predict(model(x[None].to(next(model.parameters()).device), modality=name))[0]
+        labels = spec["output_names"]
+        row = {"file": str(f), "modality": name, "task": spec["task"]}
+        if spec["task"] == "classification":
+            p, idx = probs.topk(min(top_k, probs.numel()))
+            row["top"] = [{"label": labels[i], "probability": float(q)} for q, i in zip(p.tolist(), idx.tolist())]
+        elif spec["task"] == "multilabel":
+            row["labels"] = {labels[i]: float(q) for i, q in enumerate(probs.tolist()) if q >= 0.5}
+            row["probabilities"] = {labels[i]: float(q) for i, q in enumerate(probs.tolist())}
+        else:  # per named variable: the mean of its outputs (a forecast field has many per variable)
+            groups = probs.reshape(len(labels), -1)
+            row["values"] = {name: float(g.mean()) for name, g in zip(labels, groups)}
+            row["outputs"] = probs.tolist()
+        results.append(row)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Predict raw files with a trained uniperc model.")
+    parser.add_argument("--checkpoint", required=True, help="export dir, run output_dir or checkpoints/step_N dir")
+    parser.add_argument("files", nargs="+", help="raw files (.wav/.flac, .ply/.off/.pcd, .nc, .mp4, .png, ...)")
+    parser.add_argument("--modality", help="force the modality instead of choosing it by extension")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per file")
+    args = parser.parse_args(argv)
+    model, _ = load_any(args.checkpoint)
+    for row in predict_files(model, args.files, args.modality, args.top_k):
+        if args.json:
+            print(json.dumps(row))
+        elif "top" in row:
+            print(f"{row['file']}: " + ", ".join(f"{t['label']} {100 * t['probability']:.1f}%" for t in row["top"]))
+        elif "labels" in row:
+            print(f"{row['file']}: " + (", ".join(f"{k} {100 * v:.1f}%" for k, v in row["labels"].items()) or "(none)"))
+        else:
+            print(f"{row['file']}: " + ", ".join(f"{k}={v:.4g}" for k, v in row["values"].items()))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
