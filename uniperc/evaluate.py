@@ -17,14 +17,12 @@ import numpy as np
 
 def plot_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str) -> Path:
     """Row-normalised confusion matrix with the counts written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: never switches a notebook's backend
 
     n = len(names)
     size = max(4.0, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), names, rotation=90)
@@ -38,7 +36,6 @@ def plot_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str)
                             color="white" if rates[i, j] > 0.5 else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -62,12 +62,10 @@ def plot_curves(history: list[dict], path: str | Path, primary: dict[str, tuple[
     ``{"kind": "val", "epoch", "step", "<modality>/<metric>": value}`` rows; ``primary`` maps a modality to
     its (metric name, higher is better).
     """
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: never switches a notebook's backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_val = fig.subplots(1, 2)
     train = [h for h in history if h["kind"] == "train"]
     for modality in sorted({h["modality"] for h in train}):
         rows = [h for h in train if h["modality"] == modality]
@@ -89,5 +87,4 @@ def plot_curves(history: list[dict], path: str | Path, primary: dict[str, tuple[
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
