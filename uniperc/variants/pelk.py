@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from ..backbone import UniPercNet
+from ._builder import build_variant, image_cfg
 from ..convert import prepare_state_dict, register_converter
 from ..layers import register_downsample, register_stem
 
@@ -68,21 +69,10 @@ def checkpoint_filter_fn(state_dict, model):
 
 def _create_pelk(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
     model_args = dict(MODEL_ARGS[variant], mixer="peripheral", stem="pelk", downsample="pelk", head_norm="ln")
-    return build_model_with_cfg(
-        UniPercNet, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
-        **dict(model_args, **kwargs))
+    return build_variant(variant, pretrained, checkpoint_filter_fn, model_args, **kwargs)
 
 
-def _cfg(**kwargs):
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-            "crop_pct": 0.875, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225), "first_conv": "stem.0", "classifier": "head.fc",
-            "license": "apache-2.0", **kwargs}
-
-
-default_cfgs = generate_default_cfgs({f"{name}.untrained": _cfg() for name in MODEL_ARGS})
+default_cfgs = generate_default_cfgs({f"{name}.untrained": image_cfg(license="apache-2.0") for name in MODEL_ARGS})
 
 
 @register_model
