@@ -21,3 +21,17 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 2, 
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def train_images_per_second(model: torch.nn.Module, x: torch.Tensor, repeats: int, device: str) -> float:
+    """Images/s of a full train step (forward, cross-entropy, backward, AdamW) on the batch ``x``."""
+    target = torch.randint(0, model.num_classes, (x.shape[0],), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        optimizer.step()
+
+    model.train()
+    return x.shape[0] / median_seconds(step, repeats, device=device)

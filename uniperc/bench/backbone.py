@@ -11,24 +11,15 @@ import timm
 import torch
 
 import uniperc
-from ._timing import median_seconds
+from ._timing import median_seconds, train_images_per_second
 
 
 def measure(name: str, batch: int, size: int, repeats: int, device: str, in_chans: int = 3) -> dict[str, float]:
     """images/s for a train step (fwd+bwd+AdamW), eval forward, and eval forward after reparameterisation."""
     model = timm.create_model(name, num_classes=1000, in_chans=in_chans).to(device)
     x = torch.randn(batch, in_chans, size, size, device=device)
-    target = torch.randint(0, 1000, (batch,), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), target).backward()
-        optimizer.step()
-
-    model.train()
     results = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-               "train": batch / median_seconds(train_step, repeats, device=device)}
+               "train": train_images_per_second(model, x, repeats, device)}
     model.eval()
     with torch.inference_mode():
         results["eval"] = batch / median_seconds(lambda: model(x), repeats, device=device)

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import uniperc
 from uniperc.backbone import UniPercNet
-from ._timing import median_seconds
+from ._timing import median_seconds, train_images_per_second
 
 # Each mixer's own kernel schedule (stage 1 small as in UniRepLKNet; PeLK's published large kernels).
 KERNELS = {
@@ -42,17 +42,8 @@ def measure(mixer: str, depths, dims, batch: int, size: int, repeats: int, devic
     torch.manual_seed(0)
     model = build(mixer, depths, dims).to(device)
     x = torch.randn(batch, 3, size, size, device=device)
-    target = torch.randint(0, 1000, (batch,), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), target).backward()
-        optimizer.step()
-
-    row = {"mixer": mixer, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
-    model.train()
-    row["train_img_s"] = batch / median_seconds(train_step, repeats, device=device)
+    row = {"mixer": mixer, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+           "train_img_s": train_images_per_second(model, x, repeats, device)}
     model.eval()
     uniperc.reparameterize(model)
     row["deploy_params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
