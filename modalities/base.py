@@ -96,6 +96,10 @@ class Modality:
         """The modality's settings (subclass). A fresh dict each call."""
         raise NotImplementedError
 
+    def task_for(self, cfg: dict | None = None) -> str:
+        """The task a config sets up (``task`` unless a modality's config can change it, as weather's can)."""
+        return self.task
+
     def config(self, cfg: dict | None = None, **overrides) -> dict:
         """Defaults updated with ``cfg`` and ``overrides``; unknown keys raise ``ValueError``."""
         out = self.default_config()

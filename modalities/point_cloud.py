@@ -31,6 +31,7 @@ as ``.ply`` in the ModelNet layout; ``folder`` = ModelNet40 layout ``root/<class
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -248,6 +249,10 @@ class LearnedProjection(nn.Module):
         return self.mix(rearrange(grid, "(b v h w) c -> b (v c) h w", b=b, v=v, h=h, w=w))
 
 
+# one set of camera rotations per (views, elevation), shared read-only by every sample's projection
+_fixed_view_rotations = functools.lru_cache(maxsize=8)(view_rotations)
+
+
 # --------------------------------------------------------------------------- modality
 class PointCloudModality(Modality):
     name = "point_cloud"
@@ -332,7 +337,7 @@ class PointCloudModality(Modality):
         if cfg["projection"] == "points":
             keep = torch.arange(cfg["num_points"]) % len(p)  # fixed N: repeat points of smaller clouds
             return rearrange(torch.cat([p, nvec], 1)[keep], "n c -> c 1 n").contiguous()
-        rot = view_rotations(cfg["views"], cfg["elevation"])
+        rot = _fixed_view_rotations(cfg["views"], float(cfg["elevation"]))
         size = (cfg["image_size"], cfg["image_size"])
         img = project_views(p[None], nvec[None], rot, size, cfg["normal_mode"], cfg["splat"])[0]
         if cfg["view_layout"] == "channels":

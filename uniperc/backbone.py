@@ -17,7 +17,7 @@ from timm.models._manipulate import checkpoint_seq
 from .blocks import get_block
 from .layers import create_downsample, create_stem
 
-_NORMS = {"ln": LayerNorm2d, None: None}
+_NORMS = {"ln": LayerNorm2d, None: nn.Identity}
 
 
 def _per_stage(value, num_stages: int, name: str) -> list:
@@ -39,10 +39,10 @@ def _per_block(value, depth: int, name: str, stage: int) -> list:
     return value
 
 
-def _norm(name, dim):
+def _norm_layer(name, what: str) -> type[nn.Module]:
     if name not in _NORMS:
-        raise ValueError(f"unknown norm {name!r}; expected one of {list(_NORMS)}")
-    return _NORMS[name](dim) if _NORMS[name] is not None else nn.Identity()
+        raise ValueError(f"unknown {what} {name!r}; expected one of {list(_NORMS)}")
+    return _NORMS[name]
 
 
 class UniPercStage(nn.Module):
@@ -63,7 +63,7 @@ class UniPercStage(nn.Module):
             get_block(m)(dim, k, drop_path=dp, shared=self.shared[m] if m in self.shared else None, **mixer_kwargs)
             for m, k, dp in zip(mixers, kernel_sizes, drop_path_rates)
         ])
-        self.norm = _norm(stage_norm, dim)
+        self.norm = _norm_layer(stage_norm, "stage_norm")(dim)
         self.grad_checkpointing = False
 
     def forward(self, x):
@@ -124,9 +124,7 @@ class UniPercNet(nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f"stages.{i}"))
         self.num_features = self.head_hidden_size = dims[-1]
         self.head = NormMlpClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate,
-                                          norm_layer=LayerNorm2d if head_norm == "ln" else nn.Identity)
-        if head_norm not in _NORMS:
-            raise ValueError(f"unknown head_norm {head_norm!r}; expected one of {list(_NORMS)}")
+                                          norm_layer=_norm_layer(head_norm, "head_norm"))
         self.apply(self._init_weights)
         for module in self.modules():  # uniperc layers with an init of their own (DCNv3) keep it
             if type(module).__module__.startswith("uniperc.") and "reset_parameters" in vars(type(module)):

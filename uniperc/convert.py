@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Mapping
+import re
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -11,11 +12,34 @@ from .reparam import reparameterize
 
 _CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {}
 
+# The ConvNeXt-style frame of the official UniRepLKNet and UniConvNet code: ``downsample_layers.0`` is our
+# stem, ``downsample_layers.i`` our ``stages.i.downsample``, ``stages.i.j`` our ``stages.i.blocks.j``, and
+# the final ``norm`` / ``head`` our ``head.norm`` / ``head.fc``.
+CONVNEXT_FRAME_RENAMES = [
+    (r"^downsample_layers\.0\.", "stem."),
+    (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"^norm\.", "head.norm."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+]
+
+
+def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: Sequence[tuple]) -> dict[str, torch.Tensor]:
+    """Apply ``re.sub(pattern, repl, key)`` for each rule, in order, to every key."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
 
 def register_converter(family: str):
     """Decorator for ``fn(official_state_dict) -> uniperc_state_dict`` (key renames and reshapes)."""
 
     def wrap(fn):
+        if family in _CONVERTERS and _CONVERTERS[family] is not fn:
+            raise ValueError(f"checkpoint family {family!r} already has a converter")
         _CONVERTERS[family] = fn
         return fn
 

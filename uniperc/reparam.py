@@ -24,6 +24,14 @@ def dilated_to_dense(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
     return F.conv_transpose2d(kernel, kernel.new_ones(1, 1, 1, 1), stride=dilation)
 
 
+@torch.no_grad()
+def scale_output_(layer: nn.Conv2d | nn.Linear, scale: torch.Tensor) -> None:
+    """Make ``layer(x)`` compute ``scale * layer(x)`` per output channel, in place (folds a layer scale)."""
+    layer.weight.mul_(scale.view(-1, *[1] * (layer.weight.dim() - 1)))
+    if layer.bias is not None:
+        layer.bias.mul_(scale)
+
+
 def pad_to(kernel: torch.Tensor, size: int) -> torch.Tensor:
     """Zero-pad a centred odd kernel to ``size x size``."""
     p = (size - kernel.shape[-1]) // 2

@@ -94,7 +94,7 @@ def bench_modality(name: str, args, cache_dir: str) -> dict:
     fitted = m.fitted_config(dsd)
     train = dsd["train"]
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=False)))
-    task = m.task_for(fitted) if hasattr(m, "task_for") else m.task
+    task = m.task_for(fitted)
     row = {
         "modality": name,
         "input": [int(m.in_chans(fitted)), *map(int, m.input_size(fitted))],

@@ -72,8 +72,8 @@ def main(argv=None):
     rows = [measure(m, depths, dims, args.batch, args.size, args.repeats, args.device) for m in mixers]
     print(f"depths={depths} dims={dims} input={args.batch}x3x{args.size}x{args.size} device={args.device} "
           f"threads={torch.get_num_threads()}")
-    print(f"| mixer | kernels | params (M) | deploy params (M) | GMACs/img | train img/s | deploy img/s |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| mixer | kernels | params (M) | deploy params (M) | GMACs/img | train img/s | deploy img/s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mixer']} | {KERNELS[r['mixer']]} | {r['params_M']:.2f} | {r['deploy_params_M']:.2f} | "
               f"{r['gflops']:.2f} | {r['train_img_s']:.1f} | {r['deploy_img_s']:.1f} |")

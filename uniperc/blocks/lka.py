@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from ..ops import DWConv2d
-from ..reparam import fuse_bn
+from ..reparam import fuse_bn, scale_output_
 from .registry import register_block
 
 
@@ -84,12 +84,6 @@ def _fold_affine_into_pw(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tens
     conv.weight.mul_(scale.view(1, -1, 1, 1))
 
 
-@torch.no_grad()
-def _scale_pw_output(conv: nn.Conv2d, scale: torch.Tensor):
-    conv.weight.mul_(scale.view(-1, 1, 1, 1))
-    conv.bias.mul_(scale)
-
-
 @register_block("lka")
 class LKABlock(nn.Module):
     """VAN block: BN -> spatial attention (LKA) and BN -> conv MLP, each with layer scale and drop path.
@@ -146,9 +140,9 @@ class LKABlock(nn.Module):
         scale1, shift1 = _bn_affine(self.norm1)
         scale2, shift2 = _bn_affine(self.norm2)
         _fold_affine_into_pw(self.attn.proj_1, scale1, shift1)
-        _scale_pw_output(self.attn.proj_2, ls1)
+        scale_output_(self.attn.proj_2, ls1)
         _fold_affine_into_pw(self.mlp.fc1, scale2, shift2)
-        _scale_pw_output(self.mlp.fc2, ls2)
+        scale_output_(self.mlp.fc2, ls2)
         self.skip_scale = nn.Parameter(1 + ls1 * scale1)
         self.skip_shift = nn.Parameter(ls1 * shift1)
         del self.norm1, self.norm2, self.layer_scale_1, self.layer_scale_2

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
 from ..ops import dwconv2d
-from ..reparam import fuse_bn
+from ..reparam import fuse_bn, pad_to, scale_output_
 from .registry import register_block
 
 CONV_FRACTION = (3, 8)  # partial peripheral conv: 3/8 of the channels
@@ -150,7 +150,7 @@ class PeripheralConv(nn.Module):
             central_region = min(DEFAULT_CENTRAL_REGION, kernel_size)
         self.central_region = central_region
         self.register_buffer("index", peripheral_index(kernel_size, central_region), persistent=False)
-        n = len(peripheral_axis_widths(kernel_size, central_region))
+        n = len(peripheral_axis_widths(kernel_size, central_region))  # shared parameters per axis
         if small_kernel is None:
             small_kernel = min(DEFAULT_SMALL_KERNEL, central_region)
             small_kernel = 0 if small_kernel >= kernel_size else small_kernel
@@ -202,8 +202,7 @@ class PeripheralConv(nn.Module):
         weight, bias = fuse_bn(self.weight, None, self.bn)
         if self.small_kernel:
             small, small_bias = fuse_bn(self.small_conv.weight, None, self.small_bn)
-            centre, half = weight.shape[-1] // 2, self.small_kernel // 2
-            weight[:, centre - half:centre + half + 1, centre - half:centre + half + 1] += small[:, 0]
+            weight = weight + pad_to(small[:, 0], weight.shape[-1])  # the small kernel sits in unshared cells
             bias = bias + small_bias
             del self.small_conv, self.small_bn
         self.weight = nn.Parameter(weight)
@@ -248,7 +247,7 @@ class PeripheralBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv_part, identity_part = x.split([self.conv_channels, x.shape[1] - self.conv_channels], dim=1)
-        mixed = self.conv(conv_part.contiguous(), self._pos_embed[0](self.kernel_size))
+        mixed = self.conv(conv_part, self._pos_embed[0](self.kernel_size))
         y = torch.cat([mixed, identity_part], dim=1)
         y = self.mlp(self.norm(y.permute(0, 2, 3, 1)))
         if self.gamma is not None:
@@ -260,6 +259,5 @@ class PeripheralBlock(nn.Module):
         """Fold the layer scale into ``mlp.fc2`` (the conv folds itself, see :class:`PeripheralConv`)."""
         self.conv.reparameterize()
         if self.gamma is not None:
-            self.mlp.fc2.weight.mul_(self.gamma[:, None])
-            self.mlp.fc2.bias.mul_(self.gamma)
+            scale_output_(self.mlp.fc2, self.gamma)
             self.gamma = None

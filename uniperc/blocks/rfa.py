@@ -21,6 +21,7 @@ import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d, Mlp
 
 from ..ops import DCNv3, DWConv2d
+from ..reparam import scale_output_
 from .registry import register_block
 
 
@@ -90,8 +91,7 @@ class ReceptiveFieldAggregator(nn.Module):
         the first C/4 outputs are ``conv3_3(.) + proj3(.)``, the rest ``v31(.)``."""
         q = self.dim // 4
         for conv, s in ((self.conv3_3, scale[:q]), (self.proj3, scale[:q]), (self.v31, scale[q:])):
-            conv.weight.mul_(s.view(-1, 1, 1, 1))
-            conv.bias.mul_(s)
+            scale_output_(conv, s)
 
 
 @register_block("rfa")
@@ -158,6 +158,5 @@ class UniConvBlock(nn.Module):
         for gamma_name, linear in (("gamma1", self.dcn.output_proj), ("gamma2", self.mlp.fc2)):
             gamma = getattr(self, gamma_name)
             if gamma is not None:
-                linear.weight.mul_(gamma[:, None])
-                linear.bias.mul_(gamma)
+                scale_output_(linear, gamma)
                 setattr(self, gamma_name, None)

@@ -38,7 +38,7 @@ def load_task(name: str, section: dict, seed: int) -> TaskData:
     dsd = m.load(source=section["source"], path=section["path"], cfg=section["config"], seed=seed, **kwargs)
     fitted = m.fitted_config(dsd)
     # a modality whose task depends on its config (weather: forecasting, or classification of a label variable)
-    task = m.task_for(fitted) if hasattr(m, "task_for") else m.task
+    task = m.task_for(fitted)
     return TaskData(name=name, task=task, in_chans=m.in_chans(fitted), input_size=tuple(m.input_size(fitted)),
                     num_outputs=m.num_outputs(dsd), output_names=m.label_names(dsd), adapter_config=fitted,
                     splits={s: dsd[s] for s in ("train", "validation", "test")})

@@ -8,14 +8,13 @@ Official checkpoints map key for key through :func:`convert_official_uniconvnet`
 """
 from __future__ import annotations
 
-import re
 
 import torch
 from timm.models import generate_default_cfgs, register_model
 
 from ..backbone import UniPercNet
 from ._builder import build_variant, image_cfg
-from ..convert import prepare_state_dict, register_converter
+from ..convert import CONVNEXT_FRAME_RENAMES, prepare_state_dict, register_converter, rename_keys
 
 __all__ = ["checkpoint_filter_fn", "convert_official_uniconvnet"]
 
@@ -44,17 +43,7 @@ _BLOCK_RENAMES = [(r"\.norm([12])\.0\.", r".norm\1."), (r"\.dcn\.dw_conv\.0\.", 
 def convert_official_uniconvnet(state_dict) -> dict[str, torch.Tensor]:
     """Official UniConvNet keys -> uniperc keys (``downsample_layers.0`` is our ``stem``,
     ``downsample_layers.i`` our ``stages.i.downsample``, ``norm``/``head`` our ``head.norm``/``head.fc``)."""
-    out = {}
-    for key, value in state_dict.items():
-        new = re.sub(r"^downsample_layers\.0\.", "stem.", key)
-        new = re.sub(r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample.", new)
-        new = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", new)
-        new = re.sub(r"^norm\.", "head.norm.", new)
-        new = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", new)
-        for pattern, repl in _BLOCK_RENAMES:
-            new = re.sub(pattern, repl, new)
-        out[new] = value
-    return out
+    return rename_keys(state_dict, CONVNEXT_FRAME_RENAMES + _BLOCK_RENAMES)
 
 
 def checkpoint_filter_fn(state_dict, model):

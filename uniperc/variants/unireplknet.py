@@ -5,14 +5,13 @@ depths / dims / per-block kernel sizes, and official checkpoints mapped by :func
 """
 from __future__ import annotations
 
-import re
 
 import torch
 from timm.models import generate_default_cfgs, register_model
 
 from ..backbone import UniPercNet
 from ._builder import build_variant, image_cfg
-from ..convert import prepare_state_dict, register_converter
+from ..convert import CONVNEXT_FRAME_RENAMES, prepare_state_dict, register_converter, rename_keys
 
 __all__ = ["checkpoint_filter_fn"]
 
@@ -48,18 +47,9 @@ _BLOCK_RENAMES = [
 @register_converter("unireplknet")
 def convert_official_unireplknet(state_dict) -> dict[str, torch.Tensor]:
     """Official UniRepLKNet keys (train-time or deploy) -> uniperc keys."""
-    out = {}
-    for key, value in state_dict.items():
-        new = re.sub(r"^downsample_layers\.0\.", "stem.", key)
-        new = re.sub(r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample.", new)
-        new = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", new)
-        new = re.sub(r"^norm\.", "head.norm.", new)
-        new = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", new)
-        for pattern, repl in _BLOCK_RENAMES:
-            new = re.sub(pattern, repl, new)
-        if new.endswith((".grn.weight", ".grn.bias")):
-            value = value.reshape(-1)  # official GRN keeps (1, 1, 1, C)
-        out[new] = value
+    out = rename_keys(state_dict, CONVNEXT_FRAME_RENAMES + _BLOCK_RENAMES)
+    for key in [k for k in out if k.endswith((".grn.weight", ".grn.bias"))]:
+        out[key] = out[key].reshape(-1)  # official GRN keeps (1, 1, 1, C)
     return out
 
 

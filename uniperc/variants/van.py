@@ -10,7 +10,6 @@ timm itself registers no ``van*`` model, so the variants use the plain names ``v
 """
 from __future__ import annotations
 
-import re
 
 import torch
 import torch.nn as nn
@@ -18,7 +17,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..backbone import UniPercNet
 from ._builder import build_variant, image_cfg
-from ..convert import prepare_state_dict, register_converter
+from ..convert import prepare_state_dict, register_converter, rename_keys
 from ..layers import register_downsample, register_stem
 from ..reparam import fuse_bn
 
@@ -81,12 +80,7 @@ _RENAMES = [
 @register_converter("van")
 def convert_official_van(state_dict) -> dict[str, torch.Tensor]:
     """Official VAN keys (``patch_embed{i}``, ``block{i}.{j}``, ``norm{i}``, ``head``) -> uniperc keys."""
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in _RENAMES:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
+    return rename_keys(state_dict, _RENAMES)
 
 
 def checkpoint_filter_fn(state_dict, model):
