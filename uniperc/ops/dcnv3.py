@@ -85,8 +85,8 @@ def dcnv3_core(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *, ker
     pos = centre[:, :, None, None, :] + offset_scale * (tap + offset)
 
     # Pixel -> grid_sample's [-1, 1] coordinates for align_corners=False: u = (2p + 1) / size - 1.
-    size = torch.tensor([w, h], dtype=x.dtype, device=x.device)
-    grid = (2 * pos + 1) / size - 1
+    # (Python scalars: no host-to-device copy per call)
+    grid = torch.stack(((2 * pos[..., 0] + 1) / w - 1, (2 * pos[..., 1] + 1) / h - 1), dim=-1)
     grid = rearrange(grid, "n h w g p xy -> (n g) (h w) p xy")
     feats = rearrange(x, "n h w (g c) -> (n g) c h w", g=group)
     sampled = F.grid_sample(feats, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
