@@ -49,8 +49,13 @@ NORMAL_CHANNELS = {"none": 0, "shading": 1, "xyz": 3}
 
 
 # --------------------------------------------------------------------------- file reading / preparation
-def read_points(path, surface_points: int = 4096) -> tuple[np.ndarray, np.ndarray | None]:
-    """Points (and normals if known) from a point-cloud or mesh file; meshes are surface-sampled."""
+def read_points(path, surface_points: int = 4096, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Points (and normals if known) from a point-cloud or mesh file; meshes are surface-sampled.
+
+    open3d's surface sampler draws from one process-wide generator, so it is re-seeded with ``seed`` right
+    before each mesh is sampled: the same file gives the same points on every load, whatever was sampled
+    before it in the process.
+    """
     import open3d as o3d
 
     path = Path(path)
@@ -60,6 +65,7 @@ def read_points(path, surface_points: int = 4096) -> tuple[np.ndarray, np.ndarra
         if len(mesh.triangles) == 0 and suffix == ".off":
             mesh = _read_off_fallback(path)
         if len(mesh.triangles) > 0:
+            o3d.utility.random.seed(int(seed))
             pcd = mesh.sample_points_uniformly(int(surface_points), use_triangle_normal=True)
             return np.asarray(pcd.points, np.float32), np.asarray(pcd.normals, np.float32)
     pcd = o3d.io.read_point_cloud(str(path))
@@ -118,7 +124,11 @@ def validate_points(points: np.ndarray, what: str) -> None:
 
 
 def prepare_cloud(points, normals, cfg: dict, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Unit sphere -> voxel down-sampling -> normals -> farthest-point sampling (open3d)."""
+    """Unit sphere -> voxel down-sampling -> normals -> farthest-point sampling (open3d) -> unit sphere.
+
+    Down-sampling averages (voxels) or drops (FPS) points, so the kept cloud is re-centred and re-scaled at
+    the end: what is stored always lies in the unit sphere with its farthest point on it.
+    """
     import open3d as o3d
 
     points = np.asarray(points, np.float32)
@@ -137,9 +147,11 @@ def prepare_cloud(points, normals, cfg: dict, what: str) -> tuple[np.ndarray, np
     pcd.normalize_normals()
     if len(pcd.points) > cfg["num_points"]:
         pcd = pcd.farthest_point_down_sample(int(cfg["num_points"]))
-    pts, nrm = np.asarray(pcd.points, np.float32), np.asarray(pcd.normals, np.float32)
+    pts, nrm = np.asarray(pcd.points, np.float64), np.asarray(pcd.normals, np.float32)
     validate_points(pts, what)
-    return pts, nrm
+    pts -= pts.mean(0)
+    pts /= np.linalg.norm(pts, axis=1).max()
+    return pts.astype(np.float32), nrm
 
 
 # --------------------------------------------------------------------------- projection

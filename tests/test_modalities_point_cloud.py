@@ -94,6 +94,17 @@ def test_file_formats_and_modelnet_layout(tmp_path):
         assert outward.mean() > 0.95, name
 
 
+def test_mesh_loading_is_deterministic_whatever_ran_before(tmp_path):
+    f = tmp_path / "torus.off"
+    o3d.io.write_triangle_mesh(str(f), o3d.geometry.TriangleMesh.create_torus())
+    cfg = m.config(SMALL)
+    first = m.raw_from_file(f, cfg)["points"]
+    o3d.geometry.TriangleMesh.create_sphere().sample_points_uniformly(100)  # moves open3d's global generator
+    again = m.raw_from_file(f, cfg)["points"]
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(np.linalg.norm(first, axis=1).max() - 1) < 1e-5 and np.abs(first.mean(0)).max() < 1e-5
+
+
 def test_modelnet_off_with_glued_header(tmp_path):
     f = tmp_path / "chair_0001.off"  # ModelNet40's known defect: "OFF" glued to the counts
     f.write_text("OFF4 4 0\n0 0 0\n1 0 0\n0 1 0\n0 0 1\n3 0 1 2\n3 0 1 3\n3 0 2 3\n3 1 2 3\n")
