@@ -28,6 +28,8 @@ def parse_args(argv=None):
                    help="override any config key, e.g. --set train.lr=1e-3 --set model.kwargs.dims=[16,32,64,128]")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the newest complete checkpoint in output_dir (or from CHECKPOINT)")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue even if the model, data or task settings differ from the checkpoint's")
     return p.parse_args(argv)
 
 
@@ -40,7 +42,9 @@ def main(argv=None) -> dict:
                                                      ("output_dir", args.output_dir), ("train.epochs", args.epochs))
                  if value is not None]
     config = compose(modalities, args.config, shortcuts + args.overrides)
-    return run(config, resume=args.resume)
+    if args.force and not args.resume:
+        raise ValueError("--force only applies to --resume")
+    return run(config, resume=args.resume, force=args.force)
 
 
 if __name__ == "__main__":

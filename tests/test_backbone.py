@@ -143,3 +143,28 @@ def test_reparameterize_is_idempotent():
     state = copy.deepcopy(model.state_dict())
     uniperc.reparameterize(model)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("hw", [1, 2, 5])
+def test_strided_conv_gradients_are_exact_in_bf16_on_tiny_inputs(hw):
+    """A 1x1 input reaching a 3x3 stride-2 conv (a deep stage of a small image): every tap that sees only padding
+    must get a zero weight gradient under CPU bf16 autocast (PyTorch's own path reads uninitialised memory)."""
+    from uniperc.layers import StridedConv2d
+
+    torch.manual_seed(0)
+    conv = StridedConv2d(16, 24, 3, stride=2, padding=1)
+    ref = torch.nn.Conv2d(16, 24, 3, stride=2, padding=1).double()
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(4, 16, hw, hw)
+    for _ in range(3):  # fresh allocations each time: garbage would show up in at least one
+        torch.full((1 << 18,), float("nan"), dtype=torch.bfloat16)
+        conv.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+        y.float().square().sum().backward()
+        ref.zero_grad()
+        ref(x.double()).square().sum().backward()
+        assert torch.isfinite(conv.weight.grad).all()
+        torch.testing.assert_close(conv.weight.grad.double(), ref.weight.grad, rtol=0.05, atol=0.05 * ref.weight.grad.abs().max().item())
+        if hw == 1:
+            assert conv.weight.grad[:, :, 0].abs().max() == 0 and conv.weight.grad[:, :, :, 0].abs().max() == 0

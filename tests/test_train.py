@@ -7,7 +7,7 @@ import torch
 
 import uniperc.heads
 from uniperc.train import NonFiniteLossError, apply_overrides, compose, resolve, run
-from uniperc.train.checkpoint import MARKER, latest
+from uniperc.runs import MARKER, latest
 from uniperc.train.config import CONFIG_DIR
 from uniperc.train.data import schedule
 

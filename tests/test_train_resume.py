@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from uniperc.train import compose, run
-from uniperc.train.checkpoint import MARKER, complete_checkpoints, latest
+from uniperc.runs import MARKER, complete_checkpoints, latest
 from uniperc.train.config import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]

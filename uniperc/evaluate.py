@@ -45,11 +45,10 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
     """Metrics per modality (also written as JSON / PNG files, see the module docstring)."""
     from accelerate import Accelerator
 
+    from .data import load_task, make_loader
     from .heads import confusion_matrix
     from .predict import load_any
-    from .train.config import MODALITY_DEFAULTS, merge
-    from .train.data import load_task, make_loader
-    from .train.evaluation import evaluate
+    from .scoring import evaluate
 
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split must be train, validation or test, got {split!r}")
@@ -67,20 +66,20 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
     results = {}
     for name in names:
         spec = base.tasks[name]
-        section = merge(MODALITY_DEFAULTS, (train_cfg.get("modalities") or {}).get(name) or {})
-        section["config"] = spec["adapter_config"]
-        if source is not None:
-            section["source"], section["path"] = source, path
-        data = load_task(name, section, seed=train_cfg.get("seed", 0))
+        trained_on = (train_cfg.get("modalities") or {}).get(name) or {}  # resolved at training time
+        src, src_path = (source, path) if source is not None else (trained_on.get("source", "demo"),
+                                                                   trained_on.get("path"))
+        data = load_task(name, src, spec["adapter_config"], src_path, trained_on.get("demo"),
+                         seed=train_cfg.get("seed", 0))
         loader = accelerator.prepare(make_loader(data.splits[split], batch_size, False, 0, 0))
         head = base.heads[name]
         metrics, outputs, labels = evaluate(accelerator, model, head, loader, name)
         results[name] = metrics
-        accelerator.print(f"{name} {split} ({len(labels)} samples, {section['source']}): "
+        accelerator.print(f"{name} {split} ({len(labels)} samples, {src}): "
                           + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if accelerator.is_main_process:
             out_dir.mkdir(parents=True, exist_ok=True)
-            report = {"modality": name, "split": split, "source": section["source"], "path": section["path"],
+            report = {"modality": name, "split": split, "source": src, "path": src_path,
                       "checkpoint": str(checkpoint), "samples": len(labels), "metrics": metrics}
             if spec["task"] == "classification":
                 matrix = confusion_matrix(outputs, labels, spec["num_outputs"])

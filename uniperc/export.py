@@ -119,4 +119,7 @@ def main(argv=None):
 _OWN_KEYS = {"format", "version", "deploy", "backbone", "backbone_kwargs", "tasks", "timm"}
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from . import export as export_mod
+from . import runs
 from .multimodal import MultiModalNet
-from .train.checkpoint import MARKER
 
 
 def load_any(path: str | Path, device: str = "cpu") -> tuple[MultiModalNet, dict]:
@@ -28,23 +28,19 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[MultiModalNet, dict
     path = Path(path)
     if (path / export_mod.CONFIG_FILE).is_file():
         return export_mod.load(path, device), export_mod.read_config(path)
-    if (path / "model" / export_mod.CONFIG_FILE).is_file():
-        return export_mod.load(path / "model", device), export_mod.read_config(path / "model")
-    if (path / MARKER).is_file():
-        spec_file = path.parent.parent / "model_spec.json"
-        if not spec_file.is_file():
-            raise ValueError(f"checkpoint {str(path)!r}: its run folder has no model_spec.json")
-        spec = json.loads(spec_file.read_text())
+    if (path / runs.EXPORT_DIR / export_mod.CONFIG_FILE).is_file():
+        return export_mod.load(path / runs.EXPORT_DIR, device), export_mod.read_config(path / runs.EXPORT_DIR)
+    if runs.is_checkpoint(path):
+        run_dir = runs.run_dir_of(path)
+        spec = runs.read_model_spec(run_dir)
         model = MultiModalNet(spec["backbone"], spec["tasks"], spec["backbone_kwargs"])
         weights = path / "model.safetensors"
         if not weights.is_file():
             raise ValueError(f"checkpoint {str(path)!r} has no model.safetensors")
         model.load_state_dict(load_file(str(weights)), strict=True)
-        run_config = path.parent.parent / "config.yaml"
-        if run_config.is_file():
-            import yaml
-
-            spec["train_config"] = yaml.safe_load(run_config.read_text())
+        train_config = runs.read_trainer_state(path).get("config") or runs.read_config(run_dir)
+        if train_config is not None:
+            spec["train_config"] = train_config
         return model.to(device).eval(), spec
     raise ValueError(f"{str(path)!r} is neither an export directory, a run output_dir nor a complete checkpoint")
 

@@ -1,23 +1,24 @@
-"""Crash-safe checkpoints on top of ``Accelerator.save_state`` / ``load_state``.
+"""Crash-safe checkpoints on top of ``Accelerator.save_state`` / ``load_state`` (layout: :mod:`uniperc.runs`).
 
-A checkpoint is ``<output_dir>/checkpoints/step_<N>/``: Accelerate's state (model, optimizer, RNG of every
-process, registered objects such as the LR scheduler and EMA), plus ``trainer_state.json`` (epoch, position
-in the epoch, history) and, written last, the ``COMPLETE`` marker. It is first written to a hidden
-``.tmp-step_<N>`` folder, every file is fsynced, then the folder is renamed into place and the parent fsynced:
-a SIGKILL at any moment leaves either no ``step_<N>`` or a complete one. :func:`latest` only considers folders
-with the marker, so a half-written checkpoint is never picked up; leftovers are removed by the next save.
+A checkpoint is first written to a hidden ``.tmp-step_<N>`` folder, every file is fsynced, the ``COMPLETE``
+marker is written last, then the folder is renamed into place and the parent fsynced: a SIGKILL at any moment
+leaves either no ``step_<N>`` or a complete one. Only folders with the marker are ever read, so a half-written
+checkpoint is never picked up; leftovers are removed by the next save.
+
+A fresh start in a folder that holds checkpoints first moves them aside (:func:`set_aside`) and deletes them
+only once the new run has written its own first complete checkpoint (:func:`save` does it): a run that fails
+before then leaves the old checkpoints untouched in ``checkpoints.previous/``.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
-MARKER = "COMPLETE"
-STATE_FILE = "trainer_state.json"
-_NAME = re.compile(r"^step_(\d+)$")
+from ..runs import MARKER, STATE_FILE, checkpoint_dir, checkpoint_name, complete_checkpoints, read_trainer_state
+
+SET_ASIDE = "checkpoints.previous"
 
 
 def _fsync_tree(root: Path) -> None:
@@ -36,31 +37,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+def set_aside(output_dir: str | Path) -> Path | None:
+    """Rename ``checkpoints/`` to ``checkpoints.previous/`` (one atomic rename) before a fresh start.
 
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = checkpoint_dir(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _NAME.match(p.name)) and (p / MARKER).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``output_dir``, or ``None``."""
-    found = complete_checkpoints(output_dir)
-    return found[-1] if found else None
+    Nothing is deleted here. When ``checkpoints/`` holds no complete checkpoint it is left alone (an earlier
+    fresh start died before its first checkpoint: what it set aside is still the newest complete work).
+    """
+    output_dir = Path(output_dir)
+    if not complete_checkpoints(output_dir):
+        return None
+    aside = output_dir / SET_ASIDE
+    if aside.exists():  # older than the complete checkpoints about to be set aside
+        shutil.rmtree(aside)
+    os.rename(checkpoint_dir(output_dir), aside)
+    _fsync_dir(output_dir)
+    return aside
 
 
 def save(accelerator, output_dir: str | Path, step: int, trainer_state: dict, keep: int) -> Path:
-    """Write checkpoint ``step`` atomically (collective: every process must call it); returns its path."""
+    """Write checkpoint ``step`` atomically (collective: every process must call it); returns its path.
+
+    Once it is in place, checkpoints beyond the newest ``keep`` and any set-aside folder are removed.
+    """
+    output_dir = Path(output_dir)
     root = checkpoint_dir(output_dir)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}"
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step_*"):  # left by a killed run
@@ -82,14 +84,13 @@ def save(accelerator, output_dir: str | Path, step: int, trainer_state: dict, ke
         _fsync_dir(root)
         for old in complete_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(output_dir / SET_ASIDE, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def load(accelerator, path: str | Path) -> dict:
     """Restore Accelerate's state from a complete checkpoint; returns its trainer state."""
-    path = Path(path)
-    if not (path / MARKER).is_file():
-        raise ValueError(f"checkpoint {str(path)!r} is incomplete or not a checkpoint (no {MARKER} marker)")
+    state = read_trainer_state(path)
     accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+    return state

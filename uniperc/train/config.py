@@ -260,6 +260,7 @@ def resolve(config: dict) -> dict:
         raise ValueError(f"model.kwargs must be a mapping, got {model['kwargs']!r}")
     _number(model, "drop_path_rate", "model.drop_path_rate", 0.0, 1.0)
     _number(model, "drop_rate", "model.drop_rate", 0.0, 1.0)
+    _check_backbone_builds(model, cfg["modalities"])
 
     t = cfg["train"]
     _number(t, "epochs", "train.epochs", 1, integer=True)
@@ -295,6 +296,59 @@ def resolve(config: dict) -> dict:
     if not isinstance(trackers, list) or any(x not in _TRACKERS for x in trackers):
         raise ValueError(f"train.trackers must be a list drawn from {_TRACKERS}, got {t['trackers']!r}")
     return cfg
+
+
+def backbone_kwargs(model_cfg: dict) -> dict:
+    """The ``timm.create_model`` keyword arguments of a resolved ``model`` section."""
+    kwargs = dict(model_cfg["kwargs"])
+    if model_cfg["mixer"] is not None:
+        kwargs["mixer"] = model_cfg["mixer"]
+    kwargs["drop_path_rate"] = model_cfg["drop_path_rate"]
+    kwargs["drop_rate"] = model_cfg["drop_rate"]
+    return kwargs
+
+
+def _check_backbone_builds(model_cfg: dict, sections: dict) -> None:
+    """Build the backbone for every modality's input channels on the ``meta`` device (no memory, no data, well
+    under a second even for the largest variant), so bad ``model.kwargs`` fail here, before anything is loaded
+    or written, as a ``ValueError`` naming the section instead of a ``TypeError`` from a constructor."""
+    import timm
+    import torch
+
+    import modalities as modality_registry
+
+    for name, section in sections.items():
+        m = modality_registry.get(name)
+        try:
+            in_chans = m.in_chans(section["config"])
+        except ValueError:  # known only once the data is read (weather: its variables); any C' checks the kwargs
+            in_chans = 1
+        try:
+            with torch.device("meta"):
+                timm.create_model(model_cfg["backbone"], in_chans=in_chans, num_classes=0, **backbone_kwargs(model_cfg))
+        except (TypeError, ValueError, IndexError, KeyError, AssertionError, RuntimeError) as e:
+            raise ValueError(f"model.kwargs / model.mixer do not build {model_cfg['backbone']!r} for "
+                             f"modalities.{name} ({in_chans} input channels): {e}") from None
+
+
+# what decides the weights a run learns: a resumed run must agree with its checkpoint on these
+RESUME_SECTIONS = ("seed", "modalities", "model")
+
+
+def config_differences(old: dict, new: dict, sections=RESUME_SECTIONS) -> list[str]:
+    """``"key: old -> new"`` for every dotted key of ``sections`` whose value differs between two configs."""
+    out = []
+
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+        elif a != b:
+            out.append(f"{prefix}: {a!r} -> {b!r}")
+
+    for section in sections:
+        walk(old.get(section), new.get(section), section)
+    return out
 
 
 def _adapter_config(m, section: dict) -> dict:

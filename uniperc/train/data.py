@@ -1,4 +1,4 @@
-"""Data for training: one ``datasets`` split per modality, DataLoaders, and the joint batch order.
+"""Data for training: per-sample seeded augmentation and the joint batch order (loading: :mod:`uniperc.data`).
 
 Joint training draws every batch from one modality; which one is decided by :func:`schedule`, a list
 computed from the seed and the epoch only, so every process agrees on it without communication
@@ -8,40 +8,9 @@ and a resumed run can recompute exactly how many batches of each modality the in
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-
-
-@dataclass
-class TaskData:
-    """One modality's data and what the model needs to know about it."""
-
-    name: str
-    task: str
-    in_chans: int
-    input_size: tuple[int, int]
-    num_outputs: int
-    output_names: list[str]
-    adapter_config: dict           # fitted config (with data statistics): saved with checkpoints for prediction
-    splits: dict = field(repr=False)  # train / validation / test datasets (transforms attached)
-
-
-def load_task(name: str, section: dict, seed: int) -> TaskData:
-    """Load one modality's DatasetDict as configured in ``modalities.<name>`` (see :mod:`.config`)."""
-    import modalities
-
-    m = modalities.get(name)
-    kwargs = dict(section["demo"] or {}) if section["source"] == "demo" else {}
-    dsd = m.load(source=section["source"], path=section["path"], cfg=section["config"], seed=seed, **kwargs)
-    fitted = m.fitted_config(dsd)
-    # a modality whose task depends on its config (weather: forecasting, or classification of a label variable)
-    task = m.task_for(fitted)
-    return TaskData(name=name, task=task, in_chans=m.in_chans(fitted), input_size=tuple(m.input_size(fitted)),
-                    num_outputs=m.num_outputs(dsd), output_names=m.label_names(dsd), adapter_config=fitted,
-                    splits={s: dsd[s] for s in ("train", "validation", "test")})
 
 
 class SeededAugment(torch.utils.data.Dataset):
@@ -74,31 +43,6 @@ class SeededAugment(torch.utils.data.Dataset):
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
-
-
-def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack ``{"inputs", "labels"}`` samples; a shape mismatch names the offending tensor."""
-    out = {}
-    for key in ("inputs", "labels"):
-        values = [s[key] for s in samples]
-        shapes = {tuple(v.shape) for v in values}
-        if len(shapes) > 1:
-            raise ValueError(f"cannot batch {key}: samples have different shapes {sorted(shapes)}")
-        out[key] = torch.stack(values)
-    return out
-
-
-def make_loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int) -> DataLoader:
-    """A DataLoader with its own generator, so creating its iterator never touches the global RNG.
-
-    Accelerate turns the shuffling sampler into a ``SeedableRandomSampler`` (seeded from ``seed`` + epoch) when
-    prepared with ``use_seedable_sampler``; the private ``generator`` also seeds worker processes.
-    Training drops the last incomplete batch when the split holds at least one full batch, so BatchNorm never
-    sees a batch of one.
-    """
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers,
-                      collate_fn=collate, drop_last=train and len(dataset) >= batch_size,
-                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
 
 
 def schedule(lengths: dict[str, int], mode: str, seed: int, epoch: int) -> list[str]:

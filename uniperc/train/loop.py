@@ -2,38 +2,90 @@
 
 One loop for one modality or several: every batch comes from one modality (order from
 :func:`~uniperc.train.data.schedule`), goes through that modality's stem, the shared stages and that
-modality's head, and its task loss is back-propagated. Accelerate provides the devices, processes (DDP),
-mixed precision, gradient accumulation, checkpoint state and trackers.
+modality's head, and its task loss is back-propagated. Accelerate provides the devices, processes (DDP or
+FSDP), mixed precision, gradient accumulation, checkpoint state and trackers.
+
+:func:`run` is four stages, each a function: :func:`setup` (validate, load data, build, and only then touch the
+run folder), :func:`fit`, :func:`final_evaluation` and :func:`export_and_summarise`.
 """
 from __future__ import annotations
 
-import copy
 import json
-import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
+from .. import runs
+from ..data import TaskData, load_task, make_loader
+from ..heads import PRIMARY_METRIC
+from ..scoring import evaluate
 from . import checkpoint as ckpt
-from .config import resolve
-from .data import SeededAugment, load_task, make_loader, schedule
-from .evaluation import evaluate
+from .config import backbone_kwargs, config_differences, resolve
+from .data import SeededAugment, schedule
 from .tracking import CSVTracker, flatten, plot_curves
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the run stopped before applying that step (last checkpoint is intact)."""
+    """The loss became NaN/inf; the run stopped, and no checkpoint holds weights updated by that step."""
 
 
+@dataclass
+class Session:
+    """Everything the stages of one run share."""
+
+    cfg: dict
+    accelerator: object
+    out_dir: Path
+    tasks: dict[str, TaskData]
+    model: torch.nn.Module        # as prepared by Accelerate (DDP / FSDP wrapper, or the model itself)
+    unwrapped: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    ema: object | None
+    train_sets: dict
+    train_loaders: dict
+    eval_loaders: dict
+    state: dict
+    lengths: dict[str, int]       # training batches per epoch of each modality (on this process)
+    total_steps: int
+    elapsed_before: float = 0.0
+    t_start: float = field(default_factory=time.time)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tasks)
+
+    @property
+    def eval_model(self):
+        return self.ema.module if self.ema is not None else self.model
+
+
+def run(config: dict, resume: bool | str = False, force: bool = False) -> dict:
+    """Train as ``config`` says (see :mod:`uniperc.train.config`); returns metrics, history and paths.
+
+    ``resume``: ``True`` continues from the newest complete checkpoint in ``output_dir`` (a fresh start if
+    there is none), a path continues from that checkpoint; ``False`` starts over (old checkpoints are set aside
+    and removed only once the new run has written its first complete checkpoint). A resumed run whose model,
+    data or task settings differ from the checkpoint's raises ``ValueError`` listing the differences unless
+    ``force``. Every configuration error is a ``ValueError`` raised before any file in ``output_dir`` is
+    touched; :class:`NonFiniteLossError` if the loss becomes NaN/inf.
+    """
+    s = setup(resolve(config), resume, force)
+    fit(s)
+    results = final_evaluation(s)
+    return export_and_summarise(s, results)
+
+
+# ------------------------------------------------------------------------------------------------ set up
 def _accelerator(cfg: dict, num_modalities: int):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs,
                                   GradientAccumulationPlugin, ProjectConfiguration)
-
-    from accelerate.state import AcceleratorState, GradientState
 
     # Accelerate keeps its settings in process-wide singletons; a second run() in the same process (a notebook,
     # the tests) with other settings (precision, accumulation) must start from fresh ones. The process group
@@ -54,21 +106,20 @@ def _accelerator(cfg: dict, num_modalities: int):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t["grad_accum"], sync_with_dataloader=False,
                                                                 adjust_scheduler=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg["seed"]),
-        # joint training leaves the other modalities' stems and heads idle on each batch
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=num_modalities > 1)],
+        # joint training leaves the other modalities' stems and heads idle on each batch; gradients as bucket
+        # views: no copy into DDP's buckets, and no stride warning for kernels whose gradient is not contiguous
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=num_modalities > 1,
+                                                       gradient_as_bucket_view=True)],
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=cfg["output_dir"], logging_dir=cfg["output_dir"]),
         step_scheduler_with_optimizer=False,
     )
 
 
-def _backbone_kwargs(model_cfg: dict) -> dict:
-    kwargs = dict(model_cfg["kwargs"])
-    if model_cfg["mixer"] is not None:
-        kwargs["mixer"] = model_cfg["mixer"]
-    kwargs["drop_path_rate"] = model_cfg["drop_path_rate"]
-    kwargs["drop_rate"] = model_cfg["drop_rate"]
-    return kwargs
+def _is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def build_model(cfg: dict, tasks: dict):
@@ -80,28 +131,57 @@ def build_model(cfg: dict, tasks: dict):
                     "adapter_config": d.adapter_config,
                     "label_smoothing": cfg["modalities"][name]["label_smoothing"]}
              for name, d in tasks.items()}
-    return MultiModalNet(cfg["model"]["backbone"], specs, _backbone_kwargs(cfg["model"]))
+    return MultiModalNet(cfg["model"]["backbone"], specs, backbone_kwargs(cfg["model"]))
 
 
-def run(config: dict, resume: bool | str = False) -> dict:
-    """Train as ``config`` says (see :mod:`uniperc.train.config`); returns metrics, history and paths.
+def _comparable(cfg: dict) -> dict:
+    """The config as it is stored in a checkpoint (JSON types), so stored and new configs compare equal."""
+    return json.loads(json.dumps(cfg, default=str))
 
-    ``resume``: ``True`` continues from the newest complete checkpoint in ``output_dir`` (a fresh start if
-    there is none), a path continues from that checkpoint; ``False`` starts over (old checkpoints in
-    ``output_dir`` are removed). Raises ``ValueError`` for invalid configuration before anything is trained,
-    and :class:`NonFiniteLossError` if the loss becomes NaN/inf.
-    """
+
+def _resume_point(cfg: dict, resume: bool | str, force: bool, say) -> Path | None:
+    """The checkpoint to resume from (``None``: fresh start), after checking it was trained with this config."""
+    out_dir = Path(cfg["output_dir"])
+    if not resume:
+        return None
+    point = runs.latest(out_dir) if resume is True else Path(resume)
+    if point is None:
+        say(f"no complete checkpoint in {runs.checkpoint_dir(out_dir)}: starting from scratch")
+        return None
+    saved = runs.read_trainer_state(point).get("config")
+    if saved is None:
+        raise ValueError(f"checkpoint {str(point)!r} does not record its config; cannot check it matches "
+                         f"(resume with --force to continue anyway)")
+    diffs = config_differences(saved, _comparable(cfg))
+    if diffs and not force:
+        raise ValueError(f"the config differs from the one checkpoint {str(point)!r} was trained with "
+                         f"(checkpoint -> now): {'; '.join(diffs)}. Resume with --force to continue anyway")
+    if diffs:
+        say("warning: resuming with a changed config (--force): " + "; ".join(diffs))
+    return point
+
+
+def _schedule(optimizer, t: dict, steps_per_epoch: int, total_steps: int):
+    from timm.scheduler import CosineLRScheduler
+
+    total_updates = max(1, total_steps // t["grad_accum"])
+    warmup = t["warmup_steps"] if t["warmup_steps"] is not None else round(
+        t["warmup_epochs"] * steps_per_epoch / t["grad_accum"])
+    warmup = min(warmup, total_updates - 1)
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_updates - warmup), lr_min=t["min_lr"],
+                             warmup_t=warmup, warmup_lr_init=t["min_lr"], warmup_prefix=True, t_in_epochs=False)
+
+
+def setup(cfg: dict, resume: bool | str = False, force: bool = False) -> Session:
+    """Everything before the first step, in the order that keeps a failed request harmless: checks (config,
+    resume point), data, model and optimizer; only then the run folder is written (old checkpoints set aside,
+    ``config.yaml``, ``model_spec.json``) and a checkpoint restored."""
     from accelerate.utils import set_seed
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
-    from tqdm.auto import tqdm
 
     import uniperc  # noqa: F401  (registers the variants in timm)
 
-    from ..heads import PRIMARY_METRIC
-
-    cfg = resolve(config)
     t = cfg["train"]
     if t["threads"]:
         torch.set_num_threads(t["threads"])
@@ -109,52 +189,35 @@ def run(config: dict, resume: bool | str = False) -> dict:
     accelerator = _accelerator(cfg, len(cfg["modalities"]))
     if t["mixed_precision"] == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("train.mixed_precision 'fp16' needs a GPU; use 'bf16' on CPU")
-    main = accelerator.is_main_process
-    say = accelerator.print
+    if t["ema"]["enabled"] and _is_fsdp(accelerator):
+        raise ValueError("train.ema needs the whole model on every process; it is not supported under FSDP")
+    resume_from = _resume_point(cfg, resume, force, accelerator.print)
 
-    resume_from = None
-    if resume:
-        resume_from = ckpt.latest(out_dir) if resume is True else Path(resume)
-        if resume is True and resume_from is None:
-            say(f"no complete checkpoint in {out_dir}/checkpoints: starting from scratch")
-    if resume_from is None and main:
-        shutil.rmtree(ckpt.checkpoint_dir(out_dir), ignore_errors=True)
-        (out_dir / "metrics.csv").unlink(missing_ok=True)  # the CSV tracker appends
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    accelerator.wait_for_everyone()
-
-    # ---------------------------------------------------------------- data (main process generates demo sets first)
     set_seed(cfg["seed"])
-    with accelerator.main_process_first():
-        tasks = {name: load_task(name, section, cfg["seed"]) for name, section in cfg["modalities"].items()}
+    with accelerator.main_process_first():  # the main process generates demo sets first
+        tasks = {name: load_task(name, sec["source"], sec["config"], sec["path"], sec["demo"], cfg["seed"])
+                 for name, sec in cfg["modalities"].items()}
     for name, d in tasks.items():
-        say(f"{name}: {d.task}, {d.num_outputs} outputs, input {d.in_chans}x{d.input_size[0]}x{d.input_size[1]}, "
-            f"{len(d.splits['train'])}/{len(d.splits['validation'])}/{len(d.splits['test'])} train/val/test samples")
+        accelerator.print(f"{name}: {d.task}, {d.num_outputs} outputs, input {d.in_chans}x{d.input_size[0]}x"
+                          f"{d.input_size[1]}, {len(d.splits['train'])}/{len(d.splits['validation'])}/"
+                          f"{len(d.splits['test'])} train/val/test samples")
+    names = list(tasks)
     train_sets = {n: SeededAugment(d.splits["train"], cfg["seed"]) for n, d in tasks.items()}
-    train_loaders = {n: make_loader(ds, cfg["modalities"][n]["batch_size"], True, cfg["seed"], t["num_workers"])
-                     for n, ds in train_sets.items()}
-    eval_loaders = {split: {n: make_loader(d.splits[split], _eval_bs(cfg["modalities"][n]), False, cfg["seed"],
-                                           t["num_workers"]) for n, d in tasks.items()}
-                    for split in ("validation", "test")}
+    loaders = [make_loader(train_sets[n], cfg["modalities"][n]["batch_size"], True, cfg["seed"], t["num_workers"])
+               for n in names]
+    loaders += [make_loader(tasks[n].splits[split], _eval_bs(cfg["modalities"][n]), False, cfg["seed"],
+                            t["num_workers"]) for split in ("validation", "test") for n in names]
 
-    # ---------------------------------------------------------------- model, optimiser, schedule
     set_seed(cfg["seed"])
     model = build_model(cfg, tasks)
-    if main:
-        (out_dir / "model_spec.json").write_text(json.dumps(
-            {"backbone": model.backbone_name, "backbone_kwargs": model.backbone_kwargs, "tasks": model.tasks}, indent=1))
+    # the model is prepared (wrapped, and sharded under FSDP) before the optimizer is built on its parameters
+    model = accelerator.prepare(model)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=t["lr"], weight_decay=t["weight_decay"],
                                     betas=tuple(t["betas"]))
-    names = list(tasks)
-    prepared = accelerator.prepare(model, optimizer, *train_loaders.values(),
-                                   *eval_loaders["validation"].values(), *eval_loaders["test"].values())
-    model, optimizer = prepared[:2]
+    optimizer, *loaders = accelerator.prepare(optimizer, *loaders)
     k = len(names)
-    train_loaders = dict(zip(names, prepared[2:2 + k]))
-    eval_loaders = {"validation": dict(zip(names, prepared[2 + k:2 + 2 * k])),
-                    "test": dict(zip(names, prepared[2 + 2 * k:2 + 3 * k]))}
+    train_loaders = dict(zip(names, loaders[:k]))
+    eval_loaders = {"validation": dict(zip(names, loaders[k:2 * k])), "test": dict(zip(names, loaders[2 * k:]))}
     lengths = {n: len(dl) for n, dl in train_loaders.items()}
     for n, count in lengths.items():
         if count == 0:
@@ -165,167 +228,275 @@ def run(config: dict, resume: bool | str = False) -> dict:
     total_steps = t["epochs"] * steps_per_epoch
     if t["max_steps"] is not None:
         total_steps = min(total_steps, t["max_steps"])
-    total_updates = max(1, total_steps // t["grad_accum"])
-    warmup = t["warmup_steps"] if t["warmup_steps"] is not None else round(
-        t["warmup_epochs"] * steps_per_epoch / t["grad_accum"])
-    warmup = min(warmup, total_updates - 1)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_updates - warmup), lr_min=t["min_lr"],
-                                  warmup_t=warmup, warmup_lr_init=t["min_lr"], warmup_prefix=True, t_in_epochs=False)
+    scheduler = _schedule(optimizer, t, steps_per_epoch, total_steps)
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
     ema = None
     if t["ema"]["enabled"]:
         ema = ModelEmaV3(unwrapped, decay=t["ema"]["decay"], use_warmup=t["ema"]["warmup"])
         accelerator.register_for_checkpointing(ema)
-    heads = unwrapped.heads
-    weights = {n: cfg["modalities"][n]["loss_weight"] for n in names}
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "updates": 0, "history": [], "elapsed": 0.0}
+    # ---- the request is valid and everything is built: now the run folder may change
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            aside = ckpt.set_aside(out_dir)
+            if aside is not None:
+                accelerator.print(f"fresh start: the previous checkpoints are kept in {aside} until this run "
+                                  f"writes its first checkpoint")
+            (out_dir / "metrics.csv").unlink(missing_ok=True)  # the CSV tracker appends
+        (out_dir / runs.CONFIG_FILE).write_text(yaml.safe_dump(cfg, sort_keys=False))
+        (out_dir / runs.MODEL_SPEC_FILE).write_text(json.dumps(
+            {"backbone": unwrapped.backbone_name, "backbone_kwargs": unwrapped.backbone_kwargs,
+             "tasks": unwrapped.tasks}, indent=1))
+    accelerator.wait_for_everyone()
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "updates": 0, "history": [], "elapsed": 0.0,
+             "config": _comparable(cfg)}
     if resume_from is not None:
-        state = ckpt.load(accelerator, resume_from)
-        say(f"resumed from {resume_from} (epoch {state['epoch']}, batch {state['step_in_epoch']} of that epoch, "
-            f"step {state['global_step']})")
+        state = dict(ckpt.load(accelerator, resume_from), config=_comparable(cfg))
+        accelerator.print(f"resumed from {resume_from} (epoch {state['epoch']}, batch {state['step_in_epoch']} of "
+                          f"that epoch, step {state['global_step']})")
     accelerator.init_trackers("logs", config=flatten(cfg))
-
     n_params = sum(p.numel() for p in unwrapped.parameters())
-    say(f"model: {cfg['model']['backbone']} {n_params / 1e6:.3f}M parameters, {accelerator.num_processes} process(es) "
-        f"on {accelerator.device}, mixed precision {accelerator.mixed_precision}; {steps_per_epoch} batches/epoch, "
-        f"{total_steps} steps, {total_updates} optimizer updates")
+    accelerator.print(
+        f"model: {cfg['model']['backbone']} {n_params / 1e6:.3f}M parameters, {accelerator.num_processes} "
+        f"process(es) ({accelerator.distributed_type.value}) on {accelerator.device}, mixed precision "
+        f"{accelerator.mixed_precision}; {steps_per_epoch} batches/epoch, {total_steps} steps")
+    return Session(cfg=cfg, accelerator=accelerator, out_dir=out_dir, tasks=tasks, model=model, unwrapped=unwrapped,
+                   optimizer=optimizer, scheduler=scheduler, ema=ema, train_sets=train_sets,
+                   train_loaders=train_loaders, eval_loaders=eval_loaders, state=state, lengths=lengths,
+                   total_steps=total_steps,
+                   elapsed_before=state["elapsed"])
 
-    def save_checkpoint():
-        state["elapsed"] = elapsed_before + time.time() - t_start
-        return ckpt.save(accelerator, out_dir, state["global_step"], state, t["keep_checkpoints"])
 
-    bar = tqdm(total=total_steps, initial=state["global_step"], disable=not (main and t["progress"]),
+# ------------------------------------------------------------------------------------------------ fit
+class _Window:
+    """Training losses since the last log line, kept on the device: the loop reads them back (one host sync,
+    one all-reduce) only at the logging interval and before each checkpoint, never per step."""
+
+    def __init__(self, names: list[str], device):
+        self.names, self.device = names, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros(len(self.names), device=self.device, dtype=torch.float64)
+        self.count = torch.zeros(len(self.names), device=self.device, dtype=torch.float64)
+        self.first_bad = torch.full((), -1, device=self.device, dtype=torch.long)  # step of the first NaN/inf
+        self.steps, self.samples, self.t0 = [], 0, time.time()
+
+    def add(self, name: str, loss: torch.Tensor, step: int, where: str, samples: int) -> None:
+        i = self.names.index(name)
+        value = loss.detach().double()
+        finite = torch.isfinite(value)
+        self.loss[i] += torch.where(finite, value, torch.zeros_like(value))
+        self.count[i] += 1
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, torch.full_like(self.first_bad, step),
+                                     self.first_bad)
+        self.steps.append((step, name, where))
+        self.samples += samples
+
+    def read(self, accelerator) -> tuple[dict[str, float], int | None, float]:
+        """``(mean loss per modality seen, first non-finite step or None, samples/s)`` over every process."""
+        packed = torch.cat([self.loss, self.count, self.first_bad.double()[None]])
+        everyone = accelerator.gather(packed[None]).cpu()
+        loss, count = everyone[:, :len(self.names)].sum(0), everyone[:, len(self.names):-1].sum(0)
+        bad = [int(s) for s in everyone[:, -1].tolist() if s >= 0]
+        means = {n: float(loss[i] / count[i]) for i, n in enumerate(self.names) if count[i] > 0}
+        rate = self.samples * accelerator.num_processes / max(time.time() - self.t0, 1e-9)
+        return means, (min(bad) if bad else None), rate
+
+
+def fit(s: Session) -> None:
+    """Train until ``total_steps``: validation every ``eval_every`` epochs, a checkpoint every ``checkpoint_every``
+    batches and at the end of every epoch."""
+    from tqdm.auto import tqdm
+
+    acc, t, state = s.accelerator, s.cfg["train"], s.state
+    heads = s.unwrapped.heads
+    weights = {n: s.cfg["modalities"][n]["loss_weight"] for n in s.names}
+    lengths = s.lengths
+    bar = tqdm(total=s.total_steps, initial=state["global_step"], disable=not (acc.is_main_process and t["progress"]),
                dynamic_ncols=True, desc="train")
-    elapsed_before, t_start = state["elapsed"], time.time()
-    window = {"loss": 0.0, "batches": 0, "samples": 0, "t0": time.time()}
-    smooth = None
-    finished = state["global_step"] >= total_steps
+    window = _Window(s.names, acc.device)
+    s.t_start = time.time()
+
+    def flush(step: int, epoch: int) -> None:
+        """Read the window; stop on a non-finite loss; log the per-modality mean losses."""
+        means, bad_step, rate = window.read(acc)
+        if bad_step is not None:
+            where = next(w for st, _, w in window.steps if st == bad_step)
+            bar.close()
+            acc.end_training()
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad_step} ({where}); stopped before any checkpoint held its update. "
+                f"The last good checkpoint is {runs.latest(s.out_dir)}; lower train.lr or enable train.clip_grad")
+        lr = s.optimizer.param_groups[0]["lr"]
+        for name, loss in means.items():
+            state["history"].append({"kind": "train", "step": step, "epoch": epoch, "modality": name, "loss": loss,
+                                     "samples_per_s": rate, "lr": lr})
+            acc.log({f"train/{name}/loss": loss}, step=step)
+        if means:
+            acc.log({"train/lr": lr, "train/samples_per_s": rate}, step=step)
+            bar.set_postfix(loss="/".join(f"{v:.4f}" for v in means.values()), samples_s=f"{rate:.1f}", lr=f"{lr:.2e}")
+        window.reset()
+
+    def save() -> None:
+        flush(state["global_step"], state["epoch"])  # never checkpoint weights a NaN step has touched
+        state["elapsed"] = s.elapsed_before + time.time() - s.t_start
+        ckpt.save(acc, s.out_dir, state["global_step"], state, t["keep_checkpoints"])
+
+    finished = state["global_step"] >= s.total_steps
     while not finished and state["epoch"] < t["epochs"]:
         epoch = state["epoch"]
-        order = schedule(lengths, t["interleave"], cfg["seed"], epoch)
+        order = schedule(lengths, t["interleave"], s.cfg["seed"], epoch)
         done = Counter(order[:state["step_in_epoch"]])
         iters = {}
-        for n, dl in train_loaders.items():
-            train_sets[n].set_epoch(epoch)
-            dl = accelerator.skip_first_batches(dl, done[n]) if done[n] else dl
+        for n, dl in s.train_loaders.items():
+            s.train_sets[n].set_epoch(epoch)
+            dl = acc.skip_first_batches(dl, done[n]) if done[n] else dl
             dl.set_epoch(epoch)
             iters[n] = iter(dl)
-        model.train()
+        s.model.train()
         for pos in range(state["step_in_epoch"], len(order)):
             name = order[pos]
             batch = next(iters[name])
-            with accelerator.accumulate(model):
-                out = model(batch["inputs"], modality=name)
-                loss = heads[name].loss(out, batch["labels"]) * weights[name]
-                losses = accelerator.gather(loss.detach()[None])
-                if not torch.isfinite(losses).all():
-                    bar.close()
-                    accelerator.end_training()
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({losses.tolist()}) at step {state['global_step'] + 1} (epoch {epoch}, "
-                        f"batch {pos} of the epoch) on a {name!r} batch; stopped without applying it. The last "
-                        f"good checkpoint is {ckpt.latest(out_dir)}; lower train.lr or enable train.clip_grad")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t["clip_grad"]:
-                    accelerator.clip_grad_norm_(model.parameters(), t["clip_grad"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
+            with acc.accumulate(s.model):
+                loss = heads[name].loss(s.model(batch["inputs"], modality=name), batch["labels"]) * weights[name]
+                acc.backward(loss)
+                if acc.sync_gradients and t["clip_grad"]:
+                    acc.clip_grad_norm_(s.model.parameters(), t["clip_grad"])
+                s.optimizer.step()
+                s.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
                 state["updates"] += 1
-                scheduler.step_update(state["updates"])
-                if ema is not None:
-                    ema.update(unwrapped, step=state["updates"])
+                s.scheduler.step_update(state["updates"])
+                if s.ema is not None:
+                    s.ema.update(s.unwrapped, step=state["updates"])
             state["global_step"] += 1
             state["step_in_epoch"] = pos + 1
-            value = losses.mean().item()
-            smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
-            window["loss"] += value
-            window["batches"] += 1
-            window["samples"] += batch["inputs"].shape[0] * accelerator.num_processes
-            rate = window["samples"] / max(time.time() - window["t0"], 1e-9)
+            window.add(name, loss, state["global_step"],
+                       f"epoch {epoch}, batch {pos} of the epoch, on a {name!r} batch", batch["inputs"].shape[0])
             bar.update(1)
-            bar.set_postfix(loss=f"{smooth:.4f}", samples_s=f"{rate:.1f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            finished = state["global_step"] >= s.total_steps
             if state["global_step"] % t["log_every"] == 0:
-                row = {"kind": "train", "step": state["global_step"], "epoch": epoch, "modality": name,
-                       "loss": window["loss"] / window["batches"], "samples_per_s": rate,
-                       "lr": optimizer.param_groups[0]["lr"]}
-                state["history"].append(row)
-                accelerator.log({f"train/{name}/loss": row["loss"], "train/lr": row["lr"],
-                                 "train/samples_per_s": rate}, step=state["global_step"])
-                window.update(loss=0.0, batches=0, samples=0, t0=time.time())
-            finished = state["global_step"] >= total_steps
+                flush(state["global_step"], epoch)
             if state["global_step"] % t["checkpoint_every"] == 0 and not finished and pos + 1 < len(order):
-                save_checkpoint()
+                save()
             if finished:
                 break
         if state["step_in_epoch"] == len(order):
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             if state["epoch"] % t["eval_every"] == 0 or state["epoch"] == t["epochs"]:
-                row = {"kind": "val", "epoch": state["epoch"], "step": state["global_step"]}
-                eval_model = ema.module if ema is not None else model
-                for n in names:
-                    metrics, _, _ = evaluate(accelerator, eval_model, heads[n], eval_loaders["validation"][n], n)
-                    row.update({f"{n}/{k}": v for k, v in metrics.items()})
-                state["history"].append(row)
-                accelerator.log({f"val/{k}": v for k, v in row.items() if "/" in k}, step=state["global_step"])
-                if main:
-                    bar.write(f"epoch {state['epoch']}: " + ", ".join(
-                        f"val {n} {PRIMARY_METRIC[tasks[n].task][0]}={row[f'{n}/{PRIMARY_METRIC[tasks[n].task][0]}']:.3f}"
-                        for n in names))
-        save_checkpoint()  # end of the epoch, or where max_steps stopped it
+                _validate(s, bar)
+        save()  # end of the epoch, or where max_steps stopped it
     bar.close()
-    elapsed = elapsed_before + time.time() - t_start
-    _check_replicas(accelerator, unwrapped)
-
-    # ---------------------------------------------------------------- final evaluation, export, summary
-    eval_model = ema.module if ema is not None else model
-    results = {split: {} for split in ("validation", "test")}
-    for split in results:
-        for n in names:
-            metrics, _, _ = evaluate(accelerator, eval_model, heads[n], eval_loaders[split][n], n)
-            results[split][n] = metrics
-    accelerator.log({f"{split}/{n}/{k}": v for split, r in results.items() for n, m in r.items()
-                     for k, v in m.items()}, step=state["global_step"])
-    summary = {"output_dir": str(out_dir), "metrics": results, "history": state["history"],
-               "steps": state["global_step"], "epochs_completed": state["epoch"], "train_seconds": elapsed,
-               "checkpoint": str(ckpt.latest(out_dir)), "export_dir": str(out_dir / "model"),
-               "num_processes": accelerator.num_processes, "replicas_checked": accelerator.num_processes > 1}
-    if main:
-        from ..export import export
-
-        final = copy.deepcopy(ema.module if ema is not None else unwrapped)
-        export(final, out_dir / "model", extra={"train_config": cfg})
-        plot_curves(state["history"], out_dir / "training_curves.png",
-                    {n: PRIMARY_METRIC[d.task] for n, d in tasks.items()})
-        (out_dir / "metrics.json").write_text(json.dumps(
-            {k: v for k, v in summary.items() if k != "history"}, indent=1))
-        (out_dir / "history.json").write_text(json.dumps(state["history"]))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    say("final: " + "; ".join(
-        f"test {n} {PRIMARY_METRIC[tasks[n].task][0]}={results['test'][n][PRIMARY_METRIC[tasks[n].task][0]]:.2f}"
-        + ("%" if tasks[n].task != "regression" else "") for n in names)
-        + f" ({state['global_step']} steps, {elapsed:.0f} s training; model exported to {out_dir / 'model'})")
-    return summary
+    _check_replicas(s)
 
 
-def _check_replicas(accelerator, model) -> None:
+def _validate(s: Session, bar) -> None:
+    row = {"kind": "val", "epoch": s.state["epoch"], "step": s.state["global_step"]}
+    heads = s.unwrapped.heads
+    for n in s.names:
+        metrics, _, _ = evaluate(s.accelerator, s.eval_model, heads[n], s.eval_loaders["validation"][n], n)
+        row.update({f"{n}/{k}": v for k, v in metrics.items()})
+    s.state["history"].append(row)
+    s.accelerator.log({f"val/{k}": v for k, v in row.items() if "/" in k}, step=s.state["global_step"])
+    if s.accelerator.is_main_process:
+        bar.write(f"epoch {s.state['epoch']}: " + ", ".join(
+            f"val {n} {_primary(s, n)}={row[f'{n}/{_primary(s, n)}']:.3f}" for n in s.names))
+
+
+def _primary(s: Session, name: str) -> str:
+    return PRIMARY_METRIC[s.tasks[name].task][0]
+
+
+def _check_replicas(s: Session) -> None:
     """Every process must hold the same parameters after training (DDP's promise); raise if they diverged.
 
     Compares per-tensor sums and sums of squares in float64, exactly, across processes. (Buffers such as
-    BatchNorm running statistics are per process by design and are not compared.)
+    BatchNorm running statistics are per process by design and are not compared; FSDP shards the parameters,
+    so there are no replicas to compare.)
     """
-    if accelerator.num_processes == 1:
+    acc = s.accelerator
+    if acc.num_processes == 1 or _is_fsdp(acc):
         return
-    params = [p.detach().double() for p in model.parameters()]
+    params = [p.detach().double() for p in s.unwrapped.parameters()]
     fingerprint = torch.stack([torch.stack([p.sum(), p.pow(2).sum()]) for p in params]).reshape(1, -1)
-    everyone = accelerator.gather(fingerprint.to(accelerator.device))
+    everyone = acc.gather(fingerprint.to(acc.device))
     if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
         raise RuntimeError("model replicas diverged across processes (parameters differ after training)")
 
 
+# ------------------------------------------------------------------------------------------------ evaluate, export
+def final_evaluation(s: Session) -> dict:
+    """Metrics of every modality on the validation and test splits (the EMA weights when EMA is on)."""
+    heads = s.unwrapped.heads
+    results = {split: {n: evaluate(s.accelerator, s.eval_model, heads[n], s.eval_loaders[split][n], n)[0]
+                       for n in s.names} for split in ("validation", "test")}
+    s.accelerator.log({f"{split}/{n}/{k}": v for split, r in results.items() for n, m in r.items()
+                       for k, v in m.items()}, step=s.state["global_step"])
+    return results
+
+
+def _model_for_export(s: Session):
+    """A plain (unwrapped, unsharded) CPU model with the trained weights, without deep-copying a wrapped model:
+    the EMA copy when EMA is on, else a fresh model loaded from ``accelerator.get_state_dict`` (which gathers
+    FSDP shards onto the main process). Collective: every process must call it; ``None`` off the main one."""
+    from ..multimodal import MultiModalNet
+
+    if s.ema is not None:
+        return s.ema.module if s.accelerator.is_main_process else None
+    weights = s.accelerator.get_state_dict(s.model)
+    if not s.accelerator.is_main_process:
+        return None
+    u = s.unwrapped
+    model = MultiModalNet(u.backbone_name, u.tasks, u.backbone_kwargs)
+    model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()}, strict=True)
+    return model
+
+
+def not_learning_warnings(tasks: dict[str, TaskData], metrics: dict[str, dict]) -> list[str]:
+    """A line per classification task whose top-1 is no better than guessing (1.2x chance or less)."""
+    out = []
+    for name, d in tasks.items():
+        if d.task == "classification" and name in metrics:
+            chance = 100.0 / d.num_outputs
+            if metrics[name]["top1"] <= 1.2 * chance:
+                out.append(f"warning: {name} did not learn: test top-1 {metrics[name]['top1']:.1f}% is at chance "
+                           f"level ({chance:.1f}%)")
+    return out
+
+
+def export_and_summarise(s: Session, results: dict) -> dict:
+    """Deploy-form export, curves, ``metrics.json`` / ``history.json``, and the final line; returns the summary."""
+    from ..export import export
+
+    acc, state, out_dir = s.accelerator, s.state, s.out_dir
+    elapsed = s.elapsed_before + time.time() - s.t_start
+    summary = {"output_dir": str(out_dir), "metrics": results, "history": state["history"],
+               "steps": state["global_step"], "epochs_completed": state["epoch"], "train_seconds": elapsed,
+               "checkpoint": str(runs.latest(out_dir)), "export_dir": str(out_dir / runs.EXPORT_DIR),
+               "num_processes": acc.num_processes,
+               "replicas_checked": acc.num_processes > 1 and not _is_fsdp(acc)}
+    final = _model_for_export(s)
+    if acc.is_main_process:
+        export(final, out_dir / runs.EXPORT_DIR, extra={"train_config": s.cfg})
+        plot_curves(state["history"], out_dir / "training_curves.png",
+                    {n: PRIMARY_METRIC[d.task] for n, d in s.tasks.items()})
+        (out_dir / "metrics.json").write_text(json.dumps(
+            {k: v for k, v in summary.items() if k != "history"}, indent=1))
+        (out_dir / "history.json").write_text(json.dumps(state["history"]))
+    acc.wait_for_everyone()
+    acc.end_training()
+    acc.print("final: " + "; ".join(
+        f"test {n} {_primary(s, n)}={results['test'][n][_primary(s, n)]:.2f}"
+        + ("%" if s.tasks[n].task != "regression" else "") for n in s.names)
+        + f" ({state['global_step']} steps, {elapsed:.0f} s training; model exported to {out_dir / runs.EXPORT_DIR})")
+    for line in not_learning_warnings(s.tasks, results["test"]):
+        acc.print(line)
+    return summary
+
+
 def _eval_bs(section: dict) -> int:
     return section["eval_batch_size"] or 2 * section["batch_size"]
-

@@ -18,7 +18,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..backbone import UniPercNet
 from ._builder import build_variant, image_cfg
 from ..convert import prepare_state_dict, register_converter, rename_keys
-from ..layers import register_downsample, register_stem
+from ..layers import StridedConv2d, register_downsample, register_stem
 from ..reparam import fuse_bn
 
 __all__ = ["checkpoint_filter_fn", "convert_official_van"]
@@ -29,7 +29,7 @@ class ConvBN(nn.Sequential):
     ``reparameterize()`` folds the BN into the conv."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int):
-        super().__init__(nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2),
+        super().__init__(StridedConv2d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2),
                          nn.BatchNorm2d(out_ch))
 
     @torch.no_grad()

@@ -1,0 +1,63 @@
+"""A task's data, below both the trainer and evaluation: one modality's splits and the DataLoaders over them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+
+@dataclass
+class TaskData:
+    """One modality's data and what the model needs to know about it."""
+
+    name: str
+    task: str
+    in_chans: int
+    input_size: tuple[int, int]
+    num_outputs: int
+    output_names: list[str]
+    adapter_config: dict           # fitted config (with data statistics): saved with checkpoints for prediction
+    splits: dict = field(repr=False)  # train / validation / test datasets (transforms attached)
+
+
+def load_task(name: str, source: str, config: dict | None, path=None, demo: dict | None = None,
+              seed: int = 0) -> TaskData:
+    """Load one modality's DatasetDict (``source`` demo / folder / hub, adapter ``config``; ``demo`` holds the
+    demo-set size knobs) with what the model needs to know about it."""
+    import modalities
+
+    m = modalities.get(name)
+    kwargs = dict(demo or {}) if source == "demo" else {}
+    dsd = m.load(source=source, path=path, cfg=config, seed=seed, **kwargs)
+    fitted = m.fitted_config(dsd)
+    # a modality whose task depends on its config (weather: forecasting, or classification of a label variable)
+    task = m.task_for(fitted)
+    return TaskData(name=name, task=task, in_chans=m.in_chans(fitted), input_size=tuple(m.input_size(fitted)),
+                    num_outputs=m.num_outputs(dsd), output_names=m.label_names(dsd), adapter_config=fitted,
+                    splits={s: dsd[s] for s in ("train", "validation", "test")})
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack ``{"inputs", "labels"}`` samples; a shape mismatch names the offending tensor."""
+    out = {}
+    for key in ("inputs", "labels"):
+        values = [s[key] for s in samples]
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) > 1:
+            raise ValueError(f"cannot batch {key}: samples have different shapes {sorted(shapes)}")
+        out[key] = torch.stack(values)
+    return out
+
+
+def make_loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int) -> DataLoader:
+    """A DataLoader with its own generator, so creating its iterator never touches the global RNG.
+
+    Accelerate turns the shuffling sampler into a ``SeedableRandomSampler`` (seeded from ``seed`` + epoch) when
+    prepared with ``use_seedable_sampler``; the private ``generator`` also seeds worker processes.
+    Training drops the last incomplete batch when the split holds at least one full batch, so BatchNorm never
+    sees a batch of one.
+    """
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers,
+                      collate_fn=collate, drop_last=train and len(dataset) >= batch_size,
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
