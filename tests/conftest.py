@@ -1,13 +1,31 @@
-"""Shared test helpers."""
+"""Shared test helpers, and one temporary data folder for the whole run."""
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+def pytest_configure(config):
+    """Demo data never goes to the user's ``~/.cache/uniperc``: the controlling process points
+    ``UNIPERC_DATA`` at a fresh temporary folder before any worker starts (xdist workers, subprocesses and
+    notebook kernels inherit it), and removes it at the end. Modules that want their own folder still set one."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller has set it
+        return
+    config._uniperc_data = os.environ["UNIPERC_DATA"] = tempfile.mkdtemp(prefix="uniperc-test-data-")
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_uniperc_data", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def load_reference_keys(name: str) -> dict[str, tuple[int, ...]]:

@@ -1,19 +1,42 @@
-"""The backbone benchmark runs end to end and reports a smaller deploy form."""
+"""The benchmarks report the models they timed: exact parameter counts, the deploy form, only the mixer swapped."""
+import pytest
+import timm
+import torch
+
+import uniperc
 from uniperc.bench.backbone import measure
 
 
-def test_backbone_benchmark_measures_all_three_modes():
+def _count(model: torch.nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def test_backbone_benchmark_reports_the_model_it_timed():
     r = measure("unireplknet_a", batch=2, size=32, repeats=1, device="cpu")
-    assert r["train"] > 0 and r["eval"] > 0 and r["deploy"] > 0
-    assert r["deploy_params_M"] < r["params_M"]
+    model = timm.create_model("unireplknet_a", num_classes=1000)
+    assert r["params_M"] == _count(model)
+    assert r["deploy_params_M"] == _count(uniperc.reparameterize(model.eval())) < r["params_M"]
+    assert r["train"] < r["eval"]  # forward + backward + AdamW cannot be faster than the forward alone
 
 
 def test_mixer_benchmark_swaps_only_the_mixer():
-    from uniperc.bench.mixers import measure as measure_mixer
+    from uniperc.bench.mixers import build, count_flops, measure as measure_mixer
 
-    rows = {m: measure_mixer(m, (1, 1, 1, 1), (16, 32, 64, 128), batch=2, size=32, repeats=1, device="cpu")
+    depths, dims = (1, 1, 1, 1), (16, 32, 64, 128)
+    rows = {m: measure_mixer(m, depths, dims, batch=2, size=32, repeats=1, device="cpu")
             for m in ("dilated_reparam", "peripheral", "lka", "rfa")}
-    assert all(r["gflops"] > 0 and r["train_img_s"] > 0 and r["deploy_img_s"] > 0 for r in rows.values())
-    # the dilated branches and BNs fold away; the head and frame are the same for every mixer
+    frames = set()
+    for mixer, r in rows.items():
+        torch.manual_seed(0)
+        model = build(mixer, depths, dims)
+        assert r["params_M"] == _count(model), mixer
+        deployed = uniperc.reparameterize(model.eval())
+        assert r["deploy_params_M"] == _count(deployed), mixer
+        assert r["gflops"] == pytest.approx(count_flops(deployed, torch.randn(1, 3, 32, 32)) / 2e9), mixer
+        assert r["train_img_s"] < r["deploy_img_s"], mixer
+        # the frame (stem, downsamples, head) is the same for every mixer: only the blocks (and state a mixer
+        # shares across a stage's blocks, PeLK's positional embedding) differ
+        frames.add(tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()
+                         if ".blocks." not in k and ".shared." not in k))
+    assert len(frames) == 1
     assert rows["dilated_reparam"]["deploy_params_M"] < rows["dilated_reparam"]["params_M"]
-    assert len({round(r["params_M"], 6) for r in rows.values()}) == 4

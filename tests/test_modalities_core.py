@@ -1,6 +1,8 @@
 """Registry, config handling and the shared split / caching machinery of ``modalities``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import modalities
@@ -30,11 +32,17 @@ def test_each_modality_declares_the_api(name):
         m.load(source="ftp")
 
 
-@pytest.mark.parametrize("name", ["audio", "image", "point_cloud", "video"])
-def test_in_chans_and_input_size_follow_the_config(name):
+@pytest.mark.parametrize("name, settings, chans, size", [
+    ("audio", {"n_mels": 24, "target_frames": 50}, 1, (24, 50)),
+    ("image", {"image_size": 40}, 3, (40, 40)),
+    ("point_cloud", {"views": 3, "normal_mode": "xyz", "image_size": 20}, 12, (20, 20)),
+    ("point_cloud", {"views": 2, "normal_mode": "none", "image_size": 24}, 2, (24, 24)),
+    ("video", {"num_frames": 6, "frame_size": 10, "layout": "channels"}, 18, (10, 10)),
+])
+def test_in_chans_and_input_size_follow_the_config(name, settings, chans, size):
     m = modalities.get(name)
-    c, (h, w) = m.in_chans(), m.input_size()
-    assert c >= 1 and h >= 1 and w >= 1
+    cfg = m.config(settings)
+    assert m.in_chans(cfg) == chans and tuple(m.input_size(cfg)) == size
 
 
 def test_split_by_key_keeps_keys_together_and_is_stable():
@@ -47,6 +55,12 @@ def test_split_by_key_keeps_keys_together_and_is_stable():
     assert all(len(s) == 1 for s in by_key.values())
     assert {"train", "validation", "test"} == set(a)
     assert a != split_by_key(keys, (0.1, 0.2), seed=1)
+
+
+def test_the_test_run_keeps_demo_data_in_a_temporary_folder():
+    import tempfile
+
+    assert default_cache_dir("audio").is_relative_to(Path(tempfile.gettempdir()))
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):

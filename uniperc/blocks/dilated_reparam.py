@@ -114,7 +114,7 @@ class UniRepLKNetBlock(nn.Module):
         if kernel_size >= 7:
             self.dwconv = DilatedReparamBlock(dim, kernel_size)
         elif kernel_size > 0:
-            self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
+            self.dwconv = DWConv2d(dim, kernel_size, bias=False)
         else:
             self.dwconv = nn.Identity()
         self.norm = nn.BatchNorm2d(dim) if kernel_size > 0 else nn.Identity()

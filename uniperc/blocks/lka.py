@@ -31,7 +31,7 @@ class LargeKernelAttention(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.conv0 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.conv0 = DWConv2d(dim, 5)
         self.conv_spatial = DWConv2d(dim, 7, dilation=3)
         self.conv1 = _pw(dim, dim)
 
@@ -62,7 +62,7 @@ class ConvMlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = _pw(dim, hidden)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.dwconv = DWConv2d(hidden, 3)
         self.act = nn.GELU()
         self.fc2 = _pw(hidden, dim)
 

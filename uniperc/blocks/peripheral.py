@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from ..ops import dwconv2d
+from ..ops import DWConv2d, dwconv2d
 from ..reparam import fuse_bn, pad_to, scale_output_
 from .registry import register_block
 
@@ -164,8 +164,7 @@ class PeripheralConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, n, n).uniform_(-1, 1) / kernel_size)
         self.bn = nn.BatchNorm2d(channels)
         if small_kernel:
-            self.small_conv = nn.Conv2d(channels, channels, small_kernel, padding=small_kernel // 2,
-                                        groups=channels, bias=False)
+            self.small_conv = DWConv2d(channels, small_kernel, bias=False)
             self.small_bn = nn.BatchNorm2d(channels)
 
     @property

@@ -30,7 +30,7 @@ def _pw(in_ch: int, out_ch: int) -> nn.Conv2d:
 
 
 def _dw3(ch: int) -> nn.Conv2d:
-    return nn.Conv2d(ch, ch, 3, padding=1, groups=ch)
+    return DWConv2d(ch, 3)
 
 
 def _amplifier(ch: int, kernel_size: int) -> nn.Sequential:

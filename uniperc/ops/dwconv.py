@@ -178,6 +178,8 @@ def _backward(ctx, grad_out):
         g = _weight_grad_op(grad_out, x, k, d)
         if need_w:
             gw = (g * s_acc.view(-1, 1, 1, 1) if s_acc is not None else g).to(weight.dtype)
+            if gw.stride() != weight.stride():  # (C, 1, K, K): the size-1 dim's stride differs; DDP's buckets
+                gw = torch.empty_like(weight).copy_(gw)  # expect the weight's exact strides (else a warning)
         if need_s:
             gs_acc = (g * weight.to(acc)).sum((1, 2, 3))
     if need_b or need_t or (need_s and bias is not None):

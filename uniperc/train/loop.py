@@ -106,10 +106,8 @@ def _accelerator(cfg: dict, num_modalities: int):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t["grad_accum"], sync_with_dataloader=False,
                                                                 adjust_scheduler=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg["seed"]),
-        # joint training leaves the other modalities' stems and heads idle on each batch; gradients as bucket
-        # views: no copy into DDP's buckets, and no stride warning for kernels whose gradient is not contiguous
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=num_modalities > 1,
-                                                       gradient_as_bucket_view=True)],
+        # joint training leaves the other modalities' stems and heads idle on each batch
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=num_modalities > 1)],
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=cfg["output_dir"], logging_dir=cfg["output_dir"]),
         step_scheduler_with_optimizer=False,
