@@ -78,7 +78,8 @@ def build_model(cfg: dict, tasks: dict):
     specs = {name: {"task": d.task, "in_chans": d.in_chans, "num_outputs": d.num_outputs,
                     "output_names": d.output_names, "input_size": list(d.input_size),
                     "adapter_config": d.adapter_config,
-                    "label_smoothing": cfg["modalities"][name]["label_smoothing"]}
+                    "label_smoothing": cfg["modalities"][name]["label_smoothing"], "head": d.head,
+                    "target_shape": d.target_shape and list(d.target_shape), "residual_channels": d.residual_channels}
              for name, d in tasks.items()}
     return MultiModalNet(cfg["model"]["backbone"], specs, _backbone_kwargs(cfg["model"]))
 
@@ -272,7 +273,7 @@ def run(config: dict, resume: bool | str = False) -> dict:
                 accelerator.log({f"val/{k}": v for k, v in row.items() if "/" in k}, step=state["global_step"])
                 if main:
                     bar.write(f"epoch {state['epoch']}: " + ", ".join(
-                        f"val {n} {PRIMARY_METRIC[tasks[n].task][0]}={row[f'{n}/{PRIMARY_METRIC[tasks[n].task][0]}']:.3f}"
+                        f"val {n} {PRIMARY_METRIC[tasks[n].task][0]}={row[f'{n}/{PRIMARY_METRIC[tasks[n].task][0]}']:.4g}"
                         for n in names))
         save_checkpoint()  # end of the epoch, or where max_steps stopped it
     bar.close()
@@ -288,7 +289,11 @@ def run(config: dict, resume: bool | str = False) -> dict:
             results[split][n] = metrics
     accelerator.log({f"{split}/{n}/{k}": v for split, r in results.items() for n, m in r.items()
                      for k, v in m.items()}, step=state["global_step"])
-    summary = {"output_dir": str(out_dir), "metrics": results, "history": state["history"],
+    from ..baselines import compute as compute_baselines, describe
+
+    per_task = {n: compute_baselines(tasks[n], results) for n in names}
+    baselines = {split: {n: per_task[n][split] for n in names} for split in results}
+    summary = {"output_dir": str(out_dir), "metrics": results, "baselines": baselines, "history": state["history"],
                "steps": state["global_step"], "epochs_completed": state["epoch"], "train_seconds": elapsed,
                "checkpoint": str(ckpt.latest(out_dir)), "export_dir": str(out_dir / "model"),
                "num_processes": accelerator.num_processes, "replicas_checked": accelerator.num_processes > 1}
@@ -305,9 +310,11 @@ def run(config: dict, resume: bool | str = False) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     say("final: " + "; ".join(
-        f"test {n} {PRIMARY_METRIC[tasks[n].task][0]}={results['test'][n][PRIMARY_METRIC[tasks[n].task][0]]:.2f}"
+        f"test {n} {PRIMARY_METRIC[tasks[n].task][0]}={results['test'][n][PRIMARY_METRIC[tasks[n].task][0]]:.4g}"
         + ("%" if tasks[n].task != "regression" else "") for n in names)
         + f" ({state['global_step']} steps, {elapsed:.0f} s training; model exported to {out_dir / 'model'})")
+    for n in names:
+        say(describe(n, "test", results["test"][n], baselines["test"][n]))
     return summary
 
 
