@@ -246,6 +246,9 @@ def resolve(config: dict) -> dict:
             s["config"] = _adapter_config(m, s)
         except ValueError as e:
             raise ValueError(f"{prefix}config: {e}") from None
+        if s["head"] == "dense" and m.task_for(s["config"]) != "regression":
+            raise ValueError(f"{prefix}head: 'dense' predicts fields, but this {name} task is "
+                             f"{m.task_for(s['config'])} (use 'pooled' or 'auto')")
         cfg["modalities"][name] = s
 
     model = cfg["model"]
