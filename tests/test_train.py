@@ -188,3 +188,16 @@ def test_weather_dense_head_evaluates_predicts_and_reports_baselines(tmp_path):
     with torch.no_grad():
         expected = model(x[None], "weather")[0]
     assert len(row["outputs"]) == 2 * 8 * 16 and row["outputs"] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_head_choice_follows_the_task_and_names_the_key():
+    from uniperc.train.data import _head_choice
+
+    auto = {"head": "auto", "residual": None}
+    assert _head_choice("weather", auto, (2, 8, 16), [3, 7]) == ("dense", [3, 7])  # a field target
+    assert _head_choice("weather", auto, None, [3, 7]) == ("pooled", None)  # station rows: not a field
+    assert _head_choice("weather", {"head": "dense", "residual": False}, (2, 8, 16), [3, 7]) == ("dense", None)
+    with pytest.raises(ValueError, match=r"modalities\.weather\.head"):
+        _head_choice("weather", {"head": "dense", "residual": None}, None, [3, 7])
+    with pytest.raises(ValueError, match=r"modalities\.weather\.residual"):
+        _head_choice("weather", {"head": "pooled", "residual": True}, (2, 8, 16), [3, 7])

@@ -56,7 +56,7 @@ def describe(name: str, split: str, metrics: dict[str, float], baselines: dict[s
     for g in groups:
         suffix = f"/{g}" if g else ""
         lines.append(f"  {g or 'all':>10}: " + " | ".join(
-            f"{label} {m['mse' + suffix]:.5f} / {m['rmse' + suffix]:.4f}" for label, m in columns))
+            f"{label} {m['mse' + suffix]:.4g} / {m['rmse' + suffix]:.4g}" for label, m in columns))
     return "\n".join(lines)
 
 
