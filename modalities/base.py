@@ -116,6 +116,21 @@ class Modality:
     def validate_config(self, cfg: dict) -> None:
         """Check value ranges (subclass may extend); raise ``ValueError`` naming the key."""
 
+    def field_shape(self, cfg: dict) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` when the regression target is a field on a grid (a dense head predicts it per pixel);
+        ``None`` (the default) for class labels and scalar targets, which a pooled head predicts."""
+        return None
+
+    def persistence_channels(self, cfg: dict) -> list[int] | None:
+        """Per target channel, the input channel that holds its last observed value (a forecast's persistence
+        baseline and a dense head's residual); ``None`` (the default) where the input holds no such value."""
+        return None
+
+    def last_step(self, x: torch.Tensor, cfg: dict) -> torch.Tensor | None:
+        """The persistence forecast of a batch of inputs ``B x C' x H x W``, in the flat target layout
+        ``B x outputs``; ``None`` (the default) where the task has no persistence baseline."""
+        return None
+
     def in_chans(self, cfg: dict | None = None) -> int:
         """C' of the adapter output for ``cfg`` (subclass)."""
         raise NotImplementedError

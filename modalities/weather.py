@@ -5,16 +5,26 @@ Gridded data, dims ``(time, lat, lon)``: a sample at time ``t`` stacks the ``his
 (``einops`` ``"v t h w -> (v t) h w"``, channel ``v * history + k`` is variable ``v`` at step ``k``, oldest
 first). ``image_size`` optionally resizes the input grid (bilinear); the target stays on the native grid.
 Target (task ``"regression"``): the ``horizon`` steps ``t+1 .. t+horizon`` of ``target_variables``,
-flattened to ``FloatTensor[V_t * horizon * H * W]`` so a global-pooling head of that size predicts it
-(:meth:`WeatherModality.target_shape` gives the unflattened shape; UniRepLKNet's global temperature / wind
-task also predicts every station and step from a linear head). With ``label_variable`` set, the task is
-classification instead: the label is that 1-D variable's value at ``t + horizon``.
+flattened variable-major to ``FloatTensor[V_t * horizon * H * W]`` (:meth:`WeatherModality.target_shape`
+gives the unflattened shape). A gridded forecast declares its target a field (:meth:`~WeatherModality.field_shape`),
+so training gives it uniperc's dense head, which predicts every grid point from multi-scale features, and
+:meth:`~WeatherModality.persistence_channels` names the input channel of each variable's last step (the dense
+head's residual; :meth:`~WeatherModality.last_step` is the persistence forecast). Station data keeps a pooled
+head (UniRepLKNet's global temperature / wind task also predicts every station and step from a linear head).
+With ``label_variable`` set, the task is classification instead: the label is that 1-D variable's value at
+``t + horizon``.
 
 Station data, dims ``(time, station)``: the stations' values become one row ``C' x 1 x S`` and the
 adapter places station ``s`` at cell ``(s // side, s % side)`` of a ``side x side`` grid
 (``side = ceil(sqrt(S))``, zero padding) — UniRepLKNet's reading of station series as an image. The
 learned version (their linear embedding per station) is :class:`StationEmbedding`, a module applied to
 that grid.
+
+Missing values (``nan_policy``): ``"raise"`` (default) refuses NaN / inf with a ``ValueError`` naming the variable
+and time; ``"mask"`` accepts them (land / sea masks, NaN outside a region): the statistics ignore them, masked
+inputs are set to 0 (the mean) after normalisation, one extra input channel (the last) is 1 where every input
+value of the grid cell was finite and 0 elsewhere, and masked targets stay NaN, which uniperc's regression
+loss and metrics leave out.
 
 Normalisation: per-variable mean / std computed on the train split only (:meth:`Modality.fit_config`
 stores them in the config as ``stats``); inputs *and* targets are standardised, and
@@ -43,6 +53,8 @@ from einops import rearrange
 from torch import nn
 
 from modalities.base import HubSpec, Modality, check_finite
+
+NAN_POLICIES = ("raise", "mask")
 
 DIM_ALIASES = {
     "time": ("time", "valid_time", "datetime", "date", "t"),
@@ -108,6 +120,7 @@ class WeatherModality(Modality):
             "image_size": None,  # None: native grid; [H, W] resizes the input
             "lon_roll": False,
             "split_fractions": [0.7, 0.15, 0.15],
+            "nan_policy": "raise",  # raise | mask (see the module docstring)
             "stats": None,  # filled from the train split by load()
         }
 
@@ -119,6 +132,8 @@ class WeatherModality(Modality):
         fr = cfg["split_fractions"]
         if len(fr) != 3 or min(fr) <= 0 or abs(sum(fr) - 1) > 1e-6:
             raise ValueError(f"weather: split_fractions must be 3 positive numbers summing to 1, got {fr}")
+        if cfg["nan_policy"] not in NAN_POLICIES:
+            raise ValueError(f"weather: nan_policy must be one of {NAN_POLICIES}, got {cfg['nan_policy']!r}")
 
     def hub_spec(self, cfg=None):
         """Weather has no Hub benchmark to name (see ``hub.notes``): ``ValueError`` with the way to use one."""
@@ -131,7 +146,7 @@ class WeatherModality(Modality):
         cfg = self.config(cfg)
         if cfg["variables"] is None:
             raise ValueError("weather: in_chans needs cfg['variables'] (or use m.fitted_config(dsd))")
-        return len(cfg["variables"]) * int(cfg["history"])
+        return len(cfg["variables"]) * int(cfg["history"]) + (cfg["nan_policy"] == "mask")
 
     def input_size(self, cfg=None) -> tuple[int, int]:
         cfg = self.config(cfg)
@@ -181,17 +196,18 @@ class WeatherModality(Modality):
         if len(times) < hist + hor + 2:
             raise ValueError(f"{what}: {len(times)} time steps is too few for history={hist} + horizon={hor}")
 
-        def stack(names):  # (V, T, *space) float32, non-finite values rejected with their location
+        def stack(names):  # (V, T, *space) float32; non-finite values rejected, or kept as NaN under "mask"
             arrs = []
             for v in names:
                 a = ds[v].transpose(dims["time"], *space).values.astype(np.float32)
                 bad = ~np.isfinite(a)
-                if bad.any():
+                if bad.any() and cfg["nan_policy"] == "raise":
                     t_bad = int(np.argwhere(bad)[0][0])
                     raise ValueError(
                         f"{what}: variable {v!r} has {int(bad.sum())} non-finite value(s) (first at "
-                        f"time {times[t_bad]}); fill or mask them before loading"
+                        f"time {times[t_bad]}); fill them before loading, or set nan_policy='mask'"
                     )
+                a[bad] = np.nan
                 arrs.append(a)
             out = np.stack(arrs)
             return out if dims["station"] is None else out[:, :, None, :]  # stations as a 1 x S row
@@ -237,18 +253,22 @@ class WeatherModality(Modality):
         return datasets.DatasetDict(out)
 
     def fit_config(self, raw, cfg):
-        """Per-variable mean / std over the train split's input windows (targets share the same stats)."""
+        """Per-variable mean / std over the train split's input windows (targets share the same stats);
+        masked (NaN) values are left out."""
         ds = raw["train"].with_format("numpy")
         hist = int(cfg["history"])
         n_vars = len(cfg["variables"])
         s1 = np.zeros(n_vars)
         s2 = np.zeros(n_vars)
-        count = 0
+        count = np.zeros(n_vars)
         for batch in ds.iter(batch_size=256):
             x = rearrange(batch["x"].astype(np.float64), "b (v k) h w -> v (b k h w)", v=n_vars, k=hist)
-            s1 += x.sum(1)
-            s2 += (x**2).sum(1)
-            count += x.shape[1]
+            s1 += np.nansum(x, 1)
+            s2 += np.nansum(x**2, 1)
+            count += np.isfinite(x).sum(1)
+        empty = [v for v, n in zip(cfg["variables"], count) if n == 0]
+        if empty:
+            raise ValueError(f"weather: variable(s) {empty} have no finite value in the train split")
         mean = s1 / count
         std = np.sqrt(np.maximum(s2 / count - mean**2, 0)).clip(min=1e-6)
         stats = {v: [float(m), float(s)] for v, m, s in zip(cfg["variables"], mean, std)}
@@ -290,11 +310,17 @@ class WeatherModality(Modality):
         """Normalised input ``C' x H x W`` and target ``V_t*horizon x H x W`` (None in label mode / prediction)."""
         self._check_stats(cfg)
         what = f"weather sample at {raw.get('time', '?')}"
-        x = check_finite(torch.as_tensor(np.asarray(raw["x"], np.float32)), what)
-        x = self._norm(x, cfg["variables"], cfg, int(cfg["history"]))
+        x = torch.as_tensor(np.asarray(raw["x"], np.float32))
+        if cfg["nan_policy"] == "mask":
+            valid = torch.isfinite(x).all(0, keepdim=True)
+            x = torch.cat([self._norm(x, cfg["variables"], cfg, int(cfg["history"])).nan_to_num(0.0, 0.0, 0.0),
+                           valid.to(x.dtype)])
+        else:
+            x = self._norm(check_finite(x, what), cfg["variables"], cfg, int(cfg["history"]))
         y = None
         if raw.get("y") is not None:
-            y = self._norm(torch.as_tensor(np.asarray(raw["y"], np.float32)), cfg["target_variables"], cfg, int(cfg["horizon"]))
+            y = torch.as_tensor(np.asarray(raw["y"], np.float32))
+            y = self._norm(y.masked_fill(~torch.isfinite(y), float("nan")), cfg["target_variables"], cfg, int(cfg["horizon"]))
         station = cfg["stats"].get("station", False)
         if train and cfg["lon_roll"] and not station:
             shift = int(torch.randint(0, x.shape[-1], ()))
@@ -309,6 +335,33 @@ class WeatherModality(Modality):
     def target_shape_from_cfg(self, cfg) -> tuple[int, int, int]:
         grid = cfg["stats"]["grid"]
         return (len(cfg["target_variables"]) * int(cfg["horizon"]), int(grid[0]), int(grid[1]))
+
+    def field_shape(self, cfg) -> tuple[int, int, int] | None:
+        """Gridded forecasts are fields ``(V_t * horizon, H, W)``; station rows and class labels are not."""
+        if cfg["label_variable"] or cfg["stats"].get("station", False):
+            return None
+        return self.target_shape_from_cfg(cfg)
+
+    def persistence_channels(self, cfg) -> list[int] | None:
+        """Input channel ``v * history + history - 1`` (variable ``v``'s newest step) per target channel."""
+        if cfg["label_variable"]:
+            return None
+        hist = int(cfg["history"])
+        return [cfg["variables"].index(v) * hist + hist - 1 for v in cfg["target_variables"]
+                for _ in range(int(cfg["horizon"]))]
+
+    def last_step(self, x, cfg) -> torch.Tensor | None:
+        """Persistence: each target variable's newest input step repeated over the horizon, on the target grid."""
+        channels = self.persistence_channels(cfg)
+        if channels is None:
+            return None
+        p = x[:, channels]
+        _, h, w = self.target_shape_from_cfg(cfg)
+        if cfg["stats"].get("station", False):  # side x side grid -> the first S cells, as a 1 x S row
+            p = rearrange(p, "b c h w -> b c (h w)")[:, :, :w]
+        elif tuple(p.shape[-2:]) != (h, w):  # image_size resized the input
+            p = torch.nn.functional.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+        return p.reshape(p.shape[0], -1)
 
     def target_shape(self, dsd) -> tuple[int, int, int]:
         """Unflattened regression target ``(V_t * horizon, H, W)`` (``H = 1, W = S`` for stations)."""
@@ -415,21 +468,32 @@ def open_xarray(path):
     path_s = str(path)
     if path_s.startswith("hf://"):
         return open_xarray(hub_download(path_s))
+    p = Path(path)
+    if _is_zarr(p) or p.is_file():
+        return _open_one(p)
+    files = sorted(f for f in p.rglob("*") if f.suffix in (".nc", ".nc4", ".netcdf") or f.suffix == ".zarr")
+    files = [f for f in files if not any(part.endswith(".zarr") for part in f.relative_to(p).parts[:-1])]
+    if not files:
+        raise ValueError(f"weather: no .nc files or .zarr stores under {path_s!r}")
+    return xr.combine_by_coords([_open_one(f) for f in files], combine_attrs="drop_conflicts")
+
+
+def _is_zarr(p: Path) -> bool:
+    return p.suffix == ".zarr" or (p / ".zgroup").exists() or (p / "zarr.json").exists()
+
+
+def _open_one(p: Path):
+    """One netCDF file or zarr store, loaded into memory; any reader error becomes a ``ValueError`` naming it
+    (xarray's "no matching IO backend" message for a file that is not netCDF names no file)."""
+    import xarray as xr
+
     try:
-        p = Path(path)
-        if p.suffix == ".zarr" or (p / ".zgroup").exists() or (p / "zarr.json").exists():
+        if _is_zarr(p):
             return xr.open_zarr(p).load()
-        if p.is_file():
-            with xr.open_dataset(p) as ds:
-                return ds.load()
-        files = sorted(f for f in p.rglob("*") if f.suffix in (".nc", ".nc4", ".netcdf") or f.suffix == ".zarr")
-        files = [f for f in files if not any(part.endswith(".zarr") for part in f.relative_to(p).parts[:-1])]
-        if not files:
-            raise ValueError(f"weather: no .nc files or .zarr stores under {path_s!r}")
-        parts = [open_xarray(f) for f in files]
-        return xr.combine_by_coords(parts, combine_attrs="drop_conflicts")
-    except (OSError, KeyError) as e:
-        raise ValueError(f"weather: cannot read {path_s!r} with xarray ({e})") from None
+        with xr.open_dataset(p) as ds:
+            return ds.load()
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"weather: cannot read {str(p)!r} as netCDF or zarr with xarray ({e})") from None
 
 
 def hub_download(url: str) -> Path:

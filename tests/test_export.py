@@ -84,3 +84,26 @@ def test_every_family_serves_as_shared_backbone_and_exports(tmp_path, name, kwar
     export(model, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(uniperc.load(tmp_path)(x, "image"), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_dense_head_exports_and_loads(tmp_path):
+    torch.manual_seed(0)
+    field = dict(in_chans=5, task="regression", num_outputs=2 * 12 * 20, output_names=["a", "b"], head="dense",
+                 target_shape=[2, 12, 20], residual_channels=[1, 3])
+    model = _trained_like(MultiModalNet("unireplknet_a", {"weather": field, "audio": TASKS["audio"]}, TINY))
+    torch.nn.init.normal_(model.heads["weather"].out.weight, std=0.1)  # a decoder that does something
+    x = torch.randn(2, 5, 12, 20)
+    with torch.no_grad():
+        ref = model(x, "weather")
+    assert not torch.allclose(ref, x[:, [1, 3]].flatten(1), atol=1e-3)
+    export(model, tmp_path / "both")
+    loaded = uniperc.load(tmp_path / "both")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, "weather"), ref, atol=1e-5, rtol=1e-4)
+    assert set(model.timm_state_dict("audio")) >= {"head.fc.weight", "stem.0.weight"}  # pooled heads keep it
+    with pytest.raises(ValueError, match="dense head"):
+        model.timm_state_dict("weather")
+    export(MultiModalNet("unireplknet_a", {"weather": field}, TINY), tmp_path / "one")
+    assert "timm" not in json.loads((tmp_path / "one" / "config.json").read_text())
+    with pytest.raises(ValueError, match="dense head"):
+        timm_model(tmp_path / "one")

@@ -64,3 +64,60 @@ def test_confusion_matrix_counts():
 def test_bad_head_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):
         TaskHead(8, 3, **kwargs)
+
+
+FAMILIES = [("unireplknet_a", dict(kernel_sizes=(3, 5, 5, 5))), ("uniconvnet_a", {}),
+            ("pelk_t", dict(kernel_sizes=(7, 7, 7, 7))), ("van_b0", {})]
+
+
+@pytest.mark.parametrize("grid", [(32, 64), (33, 47)])
+@pytest.mark.parametrize("backbone, kwargs", FAMILIES)
+def test_dense_head_predicts_the_native_grid_for_every_family(backbone, kwargs, grid):
+    from uniperc.multimodal import MultiModalNet
+
+    torch.manual_seed(0)
+    spec = dict(in_chans=5, task="regression", num_outputs=2 * grid[0] * grid[1], output_names=["a", "b"],
+                head="dense", target_shape=[2, *grid], residual_channels=[1, 3])
+    model = MultiModalNet(backbone, {"w": spec}, dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), **kwargs)).eval()
+    x = torch.randn(2, 5, *grid)
+    with torch.no_grad():
+        y = model(x, "w")
+    assert y.shape == (2, 2 * grid[0] * grid[1])
+    # the last layer starts at zero: the residual head forecasts the chosen input channels exactly
+    assert torch.equal(y.view(2, 2, *grid), x[:, [1, 3]])
+    head = model.heads["w"]
+    torch.nn.init.normal_(head.out.weight)
+    with torch.no_grad():
+        moved = model(x, "w").view(2, 2, *grid) - x[:, [1, 3]]
+    assert moved.abs().amin(dim=(0, 1)).gt(0).float().mean() > 0.9  # the decoder now reaches every grid point
+
+
+def test_dense_head_residual_is_optional_and_resizes_the_input():
+    from uniperc.heads import DenseHead
+
+    head = DenseHead([8, 16], in_chans=3, target_shape=(1, 10, 20), output_names=["a"]).eval()
+    feats = [torch.randn(2, 8, 4, 8), torch.randn(2, 16, 2, 4)]
+    assert torch.equal(head(feats, torch.randn(2, 3, 10, 20)), torch.zeros(2, 200))  # no residual: zero at init
+    res = DenseHead([8, 16], in_chans=3, target_shape=(1, 10, 20), residual_channels=[2]).eval()
+    x = torch.randn(2, 3, 5, 10)  # input on a coarser grid than the target (weather's image_size)
+    expected = F.interpolate(x[:, 2:3], size=(10, 20), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(res(feats, x), expected.flatten(1))
+    with pytest.raises(ValueError, match="residual_channels"):
+        DenseHead([8, 16], in_chans=3, target_shape=(2, 10, 20), residual_channels=[2])
+
+
+def test_masked_targets_do_not_count_in_loss_or_metrics():
+    target = torch.tensor([[1.0, float("nan"), 3.0, float("nan")], [0.0, 2.0, float("nan"), 4.0]])
+    pred = torch.tensor([[2.0, 1e6, 3.0, -1e6], [0.0, 4.0, 7.0, 4.0]], requires_grad=True)
+    head = TaskHead(8, 4, "regression", output_names=["t", "u"])
+    loss = head.loss(pred, target)
+    assert loss.item() == pytest.approx((1 + 0 + 0 + 4 + 0) / 5)  # the 5 valid points: errors 1, 0, 0, 2, 0
+    loss.backward()
+    assert torch.equal(pred.grad[torch.isnan(target)], torch.zeros(3))
+    m = task_metrics("regression", pred.detach(), target, ["t", "u"])
+    assert m["mse"] == pytest.approx(1.0) and m["rmse"] == pytest.approx(1.0) and m["mae"] == pytest.approx(0.6)
+    assert m["mse/t"] == pytest.approx(5 / 3) and m["mse/u"] == 0.0  # t (outputs 0-1): errors 1, 0, 2; u: 0, 0
+    all_masked = torch.full((2, 4), float("nan"))
+    assert head.loss(pred, all_masked).item() == 0.0
+    with pytest.raises(ValueError, match="masked"):
+        task_metrics("regression", pred.detach(), all_masked)

@@ -158,3 +158,86 @@ def test_hub_source_needs_an_explicit_file():
         m.hub_spec()
     with pytest.raises(ValueError, match="must look like"):
         m.load("hub", hub_path="hf://datasets/only-owner")
+
+
+def test_persistence_is_each_target_variables_newest_input_step():
+    ds = gridded(n_t=40)
+    cfg_in = {"history": 3, "horizon": 2, "target_variables": ["b"]}
+    dsd = m.from_xarray(ds, cfg_in)
+    cfg = m.fitted_config(dsd)
+    assert m.persistence_channels(cfg) == [1 * 3 + 2] * 2  # variable b (index 1), step 3 of 3, for both lead steps
+    assert m.field_shape(cfg) == (2, 4, 6)
+    batch = torch.stack([dsd["test"][i]["inputs"] for i in range(2)])
+    raw = dsd["test"].with_format("numpy")[:2]["x"]  # physical units, channels (v k)
+    b_mean, b_std = cfg["stats"]["vars"]["b"]
+    newest_b = (raw[:, 5] - b_mean) / b_std
+    expected = np.stack([newest_b, newest_b], 1).reshape(2, -1)
+    np.testing.assert_allclose(m.last_step(batch, cfg).numpy(), expected, rtol=1e-5, atol=1e-5)
+    label = m.fitted_config(m.from_xarray(ds.assign(regime=("time", np.arange(40) % 2)),
+                                          {"variables": ["a"], "label_variable": "regime", "horizon": 0}))
+    assert m.field_shape(label) is None and m.persistence_channels(label) is None and m.last_step(batch, label) is None
+
+
+def test_station_forecasts_are_not_fields_but_have_persistence():
+    rng = np.random.default_rng(0)
+    ds = xr.Dataset({"temp": (("time", "station"), rng.normal(size=(30, 5)).astype(np.float32))},
+                    coords={"time": pd.date_range("2021-01-01", periods=30, freq="h")})
+    dsd = m.from_xarray(ds, {"history": 2, "horizon": 1})
+    cfg = m.fitted_config(dsd)
+    assert m.field_shape(cfg) is None  # a pooled head predicts station rows
+    s = dsd["test"][0]
+    x_newest = s["inputs"][1].flatten()[:5]  # channel (temp, step 2) on the 3 x 3 grid, first 5 cells
+    assert torch.equal(m.last_step(s["inputs"][None], cfg)[0], x_newest)
+
+
+def masked_grid(n_t=40):
+    """Two variables; "b" is NaN over a 'land' block at every step, "a" misses one value at step 20."""
+    ds = gridded(n_t=n_t)
+    ds["b"][:, :2, :3] = np.nan
+    ds["a"][20, 3, 5] = np.nan
+    return ds
+
+
+def test_nan_policy_raise_names_the_setting():
+    with pytest.raises(ValueError, match="'a'.*non-finite.*nan_policy='mask'"):
+        m.from_xarray(masked_grid())
+    with pytest.raises(ValueError, match="nan_policy"):
+        m.config({"nan_policy": "drop"})
+
+
+def test_nan_policy_mask_fills_inputs_adds_a_mask_channel_and_keeps_targets_masked():
+    ds = masked_grid()
+    dsd = m.from_xarray(ds, {"history": 2, "horizon": 1, "nan_policy": "mask"})
+    cfg = m.fitted_config(dsd)
+    assert m.in_chans(cfg) == 2 * 2 + 1
+    # statistics ignore the masked values: b's mean over the train inputs' valid cells only
+    train_b = ds["b"].isel(time=slice(0, 27)).values  # train block 0..27, inputs at steps 0..26
+    assert cfg["stats"]["vars"]["b"][0] == pytest.approx(float(np.nanmean(train_b)), abs=0.05)
+    s = dsd["train"][0]
+    x, y = s["inputs"], s["labels"].view(2, 4, 6)
+    assert x.shape == (5, 4, 6) and torch.isfinite(x).all()
+    assert torch.equal(x[4, :2, :3], torch.zeros(2, 3)) and x[4, 2:].eq(1).all()  # the mask channel
+    assert torch.equal(x[2:4, :2, :3], torch.zeros(2, 2, 3))  # b's masked inputs are 0 (its mean) after filling
+    assert torch.isnan(y[1, :2, :3]).all() and torch.isfinite(y[0]).all() and torch.isfinite(y[1, 2:]).all()
+    # the window whose input holds a's missing step 20 masks only that cell
+    row = next(i for i in range(len(dsd["train"])) if dsd["train"].with_format(None)[i]["time"].startswith("2020-01-01T20"))
+    mask = dsd["train"][row]["inputs"][4]
+    assert mask[3, 5] == 0 and mask.sum() == 24 - 6 - 1
+    # the regression loss ignores the masked targets: a prediction equal to the target elsewhere and absurd on
+    # the masked points has zero loss (it would be ~1e12, or NaN, if they counted)
+    from uniperc.heads import TaskHead
+
+    pred = s["labels"].nan_to_num(1e6)[None]
+    assert TaskHead(4, 48, "regression", output_names=cfg["target_variables"]).loss(pred, s["labels"][None]).item() == 0.0
+
+
+def test_a_file_that_is_not_netcdf_is_named(tmp_path):
+    ds = gridded(n_t=40)
+    (tmp_path / "a").mkdir()
+    ds[["a"]].to_netcdf(tmp_path / "a" / "a_01.nc")
+    bad = tmp_path / "a" / "notes.nc"
+    bad.write_text("this is a text file, not netCDF\n")
+    with pytest.raises(ValueError, match=f"{bad}.*netCDF or zarr"):
+        m.load("folder", path=tmp_path, cfg={"history": 2})
+    with pytest.raises(ValueError, match=f"{bad}"):
+        open_xarray(bad)

@@ -40,6 +40,9 @@ def tiny(modalities, out, *overrides):
     ("model.backbone=resnet_nope", "model.backbone"),
     ("model.mixer=nope", "model.mixer"),
     ("train.ema.decay=2", "train.ema.decay"),
+    ("modalities.image.head=dense", "modalities.image.head"),
+    ("modalities.image.head=conv", "modalities.image.head"),
+    ("modalities.image.residual=maybe", "modalities.image.residual"),
 ])
 def test_invalid_values_fail_before_training_naming_the_key(tmp_path, override, key):
     out = tmp_path / "run"
@@ -81,6 +84,9 @@ def test_tiny_end_to_end(tmp_path, modality):
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "step,name,value" and any(f"train/{modality}/loss" in r for r in rows[1:])
     assert result["steps"] == 4 and (latest(out) / MARKER).is_file()
+    baselines = json.loads((out / "metrics.json").read_text())["baselines"]["test"][modality]
+    expected = {"persistence", "climatology"} if modality == "weather" else {"chance", "majority"}
+    assert set(baselines) == expected and all(math.isfinite(v) for b in baselines.values() for v in b.values())
 
 
 def test_joint_training_interleaves_all_modalities(tmp_path):
@@ -150,3 +156,47 @@ def test_evaluate_and_predict_reproduce_the_trained_model(tmp_path):
     with pytest.raises(ValueError, match="extension"):
         predict_files(model, [tmp_path / "r" / "metrics.json"])
     predict_main(["--checkpoint", str(tmp_path / "r"), str(files[0])])  # the CLI path, on the export
+
+
+def test_weather_dense_head_evaluates_predicts_and_reports_baselines(tmp_path):
+    import modalities
+    from modalities.weather import open_xarray
+    from uniperc.evaluate import evaluate_checkpoint
+    from uniperc.heads import DenseHead
+    from uniperc.predict import load_any, predict_files
+
+    result = run(tiny(["weather"], tmp_path / "r"))
+    model, config = load_any(tmp_path / "r")  # the deploy-form export
+    spec = model.tasks["weather"]
+    assert isinstance(model.heads["weather"], DenseHead) and spec["head"] == "dense" and "timm" not in config
+    assert spec["residual_channels"] == [1, 3]  # (q, t2m) x history 2: each variable's newest step
+    again = evaluate_checkpoint(tmp_path / "r", split="test")
+    for key, value in result["metrics"]["test"]["weather"].items():
+        assert again["weather"][key] == pytest.approx(value, abs=1e-5), key
+    report = json.loads((tmp_path / "r" / "eval_weather_test.json").read_text())
+    trained = result["baselines"]["test"]["weather"]
+    assert set(report["baselines"]) == {"persistence", "climatology"} == set(trained)
+    for name, metrics in trained.items():
+        assert report["baselines"][name] == pytest.approx(metrics), name
+    assert trained["persistence"]["mse"] < trained["climatology"]["mse"]  # an hour changes little
+
+    m = modalities.get("weather")
+    root = m.ensure_demo(seed=0, days=6, nlat=8, nlon=16)  # tiny.yaml's demo set (cached)
+    open_xarray(root).isel(time=slice(-3, None)).to_netcdf(tmp_path / "latest.nc")
+    row = predict_files(model, [tmp_path / "latest.nc"])[0]
+    x = m.read_file(tmp_path / "latest.nc", spec["adapter_config"])
+    with torch.no_grad():
+        expected = model(x[None], "weather")[0]
+    assert len(row["outputs"]) == 2 * 8 * 16 and row["outputs"] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_head_choice_follows_the_task_and_names_the_key():
+    from uniperc.data import _head_choice
+
+    assert _head_choice("weather", "auto", None, (2, 8, 16), [3, 7]) == ("dense", [3, 7])  # a field target
+    assert _head_choice("weather", "auto", None, None, [3, 7]) == ("pooled", None)  # station rows: not a field
+    assert _head_choice("weather", "dense", False, (2, 8, 16), [3, 7]) == ("dense", None)
+    with pytest.raises(ValueError, match=r"modalities\.weather\.head"):
+        _head_choice("weather", "dense", None, None, [3, 7])
+    with pytest.raises(ValueError, match=r"modalities\.weather\.residual"):
+        _head_choice("weather", "pooled", True, (2, 8, 16), [3, 7])

@@ -19,12 +19,16 @@ class TaskData:
     output_names: list[str]
     adapter_config: dict           # fitted config (with data statistics): saved with checkpoints for prediction
     splits: dict = field(repr=False)  # train / validation / test datasets (transforms attached)
+    head: str = "pooled"           # pooled | dense (uniperc.heads)
+    target_shape: tuple[int, int, int] | None = None  # (C, H, W) of a field target
+    residual_channels: list[int] | None = None  # dense head: input channel added to each target channel
 
 
 def load_task(name: str, source: str, config: dict | None, path=None, demo: dict | None = None,
-              seed: int = 0) -> TaskData:
+              seed: int = 0, head: str = "auto", residual: bool | None = None) -> TaskData:
     """Load one modality's DatasetDict (``source`` demo / folder / hub, adapter ``config``; ``demo`` holds the
-    demo-set size knobs) with what the model needs to know about it."""
+    demo-set size knobs) with what the model needs to know about it, including the head its target takes
+    (``head`` / ``residual`` as in ``modalities.<name>.head`` / ``.residual``)."""
     import modalities
 
     m = modalities.get(name)
@@ -33,9 +37,25 @@ def load_task(name: str, source: str, config: dict | None, path=None, demo: dict
     fitted = m.fitted_config(dsd)
     # a modality whose task depends on its config (weather: forecasting, or classification of a label variable)
     task = m.task_for(fitted)
+    field_shape = m.field_shape(fitted) if task == "regression" else None
+    head, residual = _head_choice(name, head, residual, field_shape, m.persistence_channels(fitted))
     return TaskData(name=name, task=task, in_chans=m.in_chans(fitted), input_size=tuple(m.input_size(fitted)),
                     num_outputs=m.num_outputs(dsd), output_names=m.label_names(dsd), adapter_config=fitted,
-                    splits={s: dsd[s] for s in ("train", "validation", "test")})
+                    splits={s: dsd[s] for s in ("train", "validation", "test")}, head=head,
+                    target_shape=field_shape, residual_channels=residual)
+
+
+def _head_choice(name: str, head: str, residual: bool | None, field_shape,
+                 persistence) -> tuple[str, list[int] | None]:
+    """``(head kind, residual channels)`` from ``modalities.<name>.head`` / ``.residual`` and what the task offers."""
+    head = head if head != "auto" else ("dense" if field_shape else "pooled")
+    if head == "dense" and field_shape is None:
+        raise ValueError(f"modalities.{name}.head: 'dense' needs a regression target that is a field on a grid; "
+                         f"this {name} task has none (use 'pooled')")
+    if residual and (head != "dense" or persistence is None):
+        raise ValueError(f"modalities.{name}.residual: true needs a dense head and inputs that hold the last step "
+                         f"of every target ({name} with a {head} head has none)")
+    return head, (persistence if head == "dense" and residual is not False else None)
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,9 @@
 For each of the model's modalities (or ``--modality``) it loads the split (default ``test``; the data source
 of the training config unless ``--source``/``--path`` say otherwise) with the adapter config saved at training
 time, prints the metrics, and writes ``eval_<modality>_<split>.json`` plus, for classification, a
-confusion-matrix PNG into ``--output`` (default: the checkpoint directory). Runs under ``accelerate launch`` too
+confusion-matrix PNG into ``--output`` (default: the checkpoint directory). The trivial baselines
+(:mod:`uniperc.baselines`: chance / majority class, or persistence / climatology) are printed and written beside
+the model's metrics. Runs under ``accelerate launch`` too
 (the split is sharded and the outputs gathered).
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
     """Metrics per modality (also written as JSON / PNG files, see the module docstring)."""
     from accelerate import Accelerator
 
+    from .baselines import compute as compute_baselines, describe
     from .data import load_task, make_loader
     from .heads import confusion_matrix
     from .predict import load_any
@@ -77,10 +80,12 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
         results[name] = metrics
         accelerator.print(f"{name} {split} ({len(labels)} samples, {src}): "
                           + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        baselines = compute_baselines(data, [split])[split]
+        accelerator.print(describe(name, split, metrics, baselines))
         if accelerator.is_main_process:
             out_dir.mkdir(parents=True, exist_ok=True)
             report = {"modality": name, "split": split, "source": src, "path": src_path,
-                      "checkpoint": str(checkpoint), "samples": len(labels), "metrics": metrics}
+                      "checkpoint": str(checkpoint), "samples": len(labels), "metrics": metrics, "baselines": baselines}
             if spec["task"] == "classification":
                 matrix = confusion_matrix(outputs, labels, spec["num_outputs"])
                 report["confusion_matrix"] = matrix.tolist()

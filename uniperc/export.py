@@ -6,7 +6,7 @@ An export directory holds:
   whole :class:`~uniperc.multimodal.MultiModalNet` (every stem, the shared stages, every head);
 * ``config.json``: backbone name and arguments, and per modality the task, output names, input channels and
   size, and the fitted adapter config that :meth:`modalities.Modality.read_file` needs at prediction time;
-* for a single-modality model also ``timm_model.safetensors``: the same weights under the plain timm model's
+* for a single-modality model with a pooled head also ``timm_model.safetensors``: the same weights under the plain timm model's
   keys, loadable with ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``
   (the exact arguments are in ``config.json["timm"]``; :func:`timm_model` does it for you).
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .heads import TaskHead
 from .multimodal import MultiModalNet
 from .reparam import reparameterize
 
@@ -46,7 +47,7 @@ def export(model: MultiModalNet, directory: str | Path, extra: dict | None = Non
     save_file(_contiguous(deployed.state_dict()), str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
     config = {"format": FORMAT, "version": 1, "deploy": True, "backbone": model.backbone_name,
               "backbone_kwargs": model.backbone_kwargs, "tasks": model.tasks, **(extra or {})}
-    if len(model.modalities) == 1:
+    if len(model.modalities) == 1 and isinstance(model.heads[model.modalities[0]], TaskHead):
         (name,) = model.modalities
         spec = model.tasks[name]
         save_file(_contiguous(deployed.timm_state_dict(name)), str(directory / TIMM_WEIGHTS_FILE))
@@ -97,7 +98,8 @@ def timm_model(directory: str | Path):
 
     config = read_config(directory)
     if "timm" not in config:
-        raise ValueError(f"{str(directory)!r} holds a multi-modality model; only single-modality exports load in timm")
+        raise ValueError(f"{str(directory)!r} holds a multi-modality model or a dense head; only single-modality "
+                         f"exports with a pooled head load in timm")
     recipe = config["timm"]
     overlay = dict(recipe["pretrained_cfg_overlay"], file=str(Path(directory) / recipe["pretrained_cfg_overlay"]["file"]))
     return timm.create_model(recipe["model_name"], pretrained=True, pretrained_cfg_overlay=overlay,

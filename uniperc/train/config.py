@@ -3,7 +3,8 @@
 A run is described by one nested dict (plain values, nanoGPT style) with four sections:
 
 ``seed``, ``output_dir``
-``modalities``: ``{name: {source, path, config, demo, batch_size, eval_batch_size, label_smoothing, loss_weight}}``
+``modalities``: ``{name: {source, path, config, demo, batch_size, eval_batch_size, label_smoothing, loss_weight,
+head, residual}}``
 ``model``:      ``{backbone, mixer, kwargs, drop_path_rate, drop_rate}``
 ``train``:      optimisation, precision, checkpointing, logging (see :data:`DEFAULTS`).
 
@@ -20,6 +21,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from ..heads import HEADS
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 MODALITY_DEFAULTS: dict[str, Any] = {
@@ -31,6 +34,8 @@ MODALITY_DEFAULTS: dict[str, Any] = {
     "eval_batch_size": None,   # None = 2 x batch_size
     "label_smoothing": 0.1,    # classification heads only
     "loss_weight": 1.0,        # multiplies this task's loss in joint training
+    "head": "auto",            # auto | pooled | dense; auto = dense when the modality's target is a field (weather)
+    "residual": None,          # dense head adds the last input step: None = where the modality gives one
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -230,6 +235,10 @@ def resolve(config: dict) -> dict:
         _number(s, "eval_batch_size", prefix + "eval_batch_size", 1, integer=True, allow_none=True)
         _number(s, "label_smoothing", prefix + "label_smoothing", 0.0, 0.99)
         _number(s, "loss_weight", prefix + "loss_weight", 0.0, low_open=True)
+        if s["head"] not in ("auto", *HEADS):
+            raise ValueError(f"{prefix}head must be one of {('auto', *HEADS)}, got {s['head']!r}")
+        if s["residual"] not in (None, True, False):
+            raise ValueError(f"{prefix}residual must be true, false or null, got {s['residual']!r}")
         for key in ("config", "demo"):
             if s[key] is not None and not isinstance(s[key], dict):
                 raise ValueError(f"{prefix}{key} must be a mapping, got {s[key]!r}")
@@ -237,6 +246,9 @@ def resolve(config: dict) -> dict:
             s["config"] = _adapter_config(m, s)
         except ValueError as e:
             raise ValueError(f"{prefix}config: {e}") from None
+        if s["head"] == "dense" and m.task_for(s["config"]) != "regression":
+            raise ValueError(f"{prefix}head: 'dense' predicts fields, but this {name} task is "
+                             f"{m.task_for(s['config'])} (use 'pooled' or 'auto')")
         cfg["modalities"][name] = s
 
     model = cfg["model"]

@@ -127,7 +127,8 @@ def build_model(cfg: dict, tasks: dict):
     specs = {name: {"task": d.task, "in_chans": d.in_chans, "num_outputs": d.num_outputs,
                     "output_names": d.output_names, "input_size": list(d.input_size),
                     "adapter_config": d.adapter_config,
-                    "label_smoothing": cfg["modalities"][name]["label_smoothing"]}
+                    "label_smoothing": cfg["modalities"][name]["label_smoothing"], "head": d.head,
+                    "target_shape": d.target_shape and list(d.target_shape), "residual_channels": d.residual_channels}
              for name, d in tasks.items()}
     return MultiModalNet(cfg["model"]["backbone"], specs, backbone_kwargs(cfg["model"]))
 
@@ -193,7 +194,8 @@ def setup(cfg: dict, resume: bool | str = False, force: bool = False) -> Session
 
     set_seed(cfg["seed"])
     with accelerator.main_process_first():  # the main process generates demo sets first
-        tasks = {name: load_task(name, sec["source"], sec["config"], sec["path"], sec["demo"], cfg["seed"])
+        tasks = {name: load_task(name, sec["source"], sec["config"], sec["path"], sec["demo"], cfg["seed"],
+                                 sec["head"], sec["residual"])
                  for name, sec in cfg["modalities"].items()}
     for name, d in tasks.items():
         accelerator.print(f"{name}: {d.task}, {d.num_outputs} outputs, input {d.in_chans}x{d.input_size[0]}x"
@@ -402,7 +404,7 @@ def _validate(s: Session, bar) -> None:
     s.accelerator.log({f"val/{k}": v for k, v in row.items() if "/" in k}, step=s.state["global_step"])
     if s.accelerator.is_main_process:
         bar.write(f"epoch {s.state['epoch']}: " + ", ".join(
-            f"val {n} {_primary(s, n)}={row[f'{n}/{_primary(s, n)}']:.3f}" for n in s.names))
+            f"val {n} {_primary(s, n)}={row[f'{n}/{_primary(s, n)}']:.4g}" for n in s.names))
 
 
 def _primary(s: Session, name: str) -> str:
@@ -454,25 +456,38 @@ def _model_for_export(s: Session):
     return model
 
 
-def not_learning_warnings(tasks: dict[str, TaskData], metrics: dict[str, dict]) -> list[str]:
-    """A line per classification task whose top-1 is no better than guessing (1.2x chance or less)."""
+def not_learning_warnings(tasks: dict[str, TaskData], metrics: dict[str, dict],
+                          baselines: dict[str, dict]) -> list[str]:
+    """A warning line per task that did not learn: a classification top-1 no better than 1.2x chance, or a
+    forecast no better than persistence (its baseline that needs no learning)."""
     out = []
     for name, d in tasks.items():
-        if d.task == "classification" and name in metrics:
+        m = metrics.get(name)
+        if m is None:
+            continue
+        if d.task == "classification":
             chance = 100.0 / d.num_outputs
-            if metrics[name]["top1"] <= 1.2 * chance:
-                out.append(f"warning: {name} did not learn: test top-1 {metrics[name]['top1']:.1f}% is at chance "
-                           f"level ({chance:.1f}%)")
+            if m["top1"] <= 1.2 * chance:
+                out.append(f"warning: {name} did not learn: test top-1 {m['top1']:.1f}% is at chance level "
+                           f"({chance:.1f}%)")
+        elif "persistence" in baselines.get(name, {}):
+            persistence = baselines[name]["persistence"]["mse"]
+            if m["mse"] >= persistence:
+                out.append(f"warning: {name} did not learn: test MSE {m['mse']:.4g} is no better than persistence "
+                           f"({persistence:.4g})")
     return out
 
 
 def export_and_summarise(s: Session, results: dict) -> dict:
     """Deploy-form export, curves, ``metrics.json`` / ``history.json``, and the final line; returns the summary."""
+    from ..baselines import compute as compute_baselines, describe
     from ..export import export
 
     acc, state, out_dir = s.accelerator, s.state, s.out_dir
     elapsed = s.elapsed_before + time.time() - s.t_start
-    summary = {"output_dir": str(out_dir), "metrics": results, "history": state["history"],
+    per_task = {n: compute_baselines(s.tasks[n], results) for n in s.names}
+    baselines = {split: {n: per_task[n][split] for n in s.names} for split in results}
+    summary = {"output_dir": str(out_dir), "metrics": results, "baselines": baselines, "history": state["history"],
                "steps": state["global_step"], "epochs_completed": state["epoch"], "train_seconds": elapsed,
                "checkpoint": str(runs.latest(out_dir)), "export_dir": str(out_dir / runs.EXPORT_DIR),
                "num_processes": acc.num_processes,
@@ -488,10 +503,12 @@ def export_and_summarise(s: Session, results: dict) -> dict:
     acc.wait_for_everyone()
     acc.end_training()
     acc.print("final: " + "; ".join(
-        f"test {n} {_primary(s, n)}={results['test'][n][_primary(s, n)]:.2f}"
+        f"test {n} {_primary(s, n)}={results['test'][n][_primary(s, n)]:.4g}"
         + ("%" if s.tasks[n].task != "regression" else "") for n in s.names)
         + f" ({state['global_step']} steps, {elapsed:.0f} s training; model exported to {out_dir / runs.EXPORT_DIR})")
-    for line in not_learning_warnings(s.tasks, results["test"]):
+    for n in s.names:
+        acc.print(describe(n, "test", results["test"][n], baselines["test"][n]))
+    for line in not_learning_warnings(s.tasks, results["test"], baselines["test"]):
         acc.print(line)
     return summary
 
