@@ -77,8 +77,8 @@ def main(argv=None):
     if unknown:
         raise ValueError(f"--mixers: unknown {unknown}; choose from {sorted(KERNELS)}")
     rows = [measure(m, depths, dims, args.batch, args.size, args.repeats, args.device, args.block) for m in mixers]
-    print(f"block={args.block} depths={depths} dims={dims} input={args.batch}x3x{args.size}x{args.size} device={args.device} "
-          f"threads={torch.get_num_threads()}")
+    print(f"block={args.block} depths={depths} dims={dims} input={args.batch}x3x{args.size}x{args.size} "
+          f"device={args.device} threads={torch.get_num_threads()}")
     print("| mixer | kernels | params (M) | deploy params (M) | GMACs/img | train img/s | deploy img/s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -5,8 +5,8 @@ dilation 3 (long range, 19 x 19 span; 5 + 19 - 1 = 23 >= 21) and a 1 x 1 conv (c
 result as an attention map: ``LKA(u) = u * conv1x1(dw7x7_d3(dw5x5(u)))``.
 
 The ``"lka"`` mixer is ``Attn``; the ``"lka"`` block (official layout) is ``x + dp(ls1 * Attn(BN(x)))``,
-``x + dp(ls2 * MLP(BN(x)))`` with ``Attn(z) = proj_2(LKA(GELU(proj_1(z)))) + z`` and ``MLP = fc2(GELU(dw3x3(fc1(z))))``; layer scales start
-at 1e-2. Sub-module names follow the official code (``attn.proj_1``, ``attn.spatial_gating_unit.conv0``,
+``x + dp(ls2 * MLP(BN(x)))`` with ``Attn(z) = proj_2(LKA(GELU(proj_1(z)))) + z`` and
+``MLP = fc2(GELU(dw3x3(fc1(z))))``; layer scales start at 1e-2. Sub-module names follow the official code (``attn.proj_1``, ``attn.spatial_gating_unit.conv0``,
 ...) except ``mlp.dwconv``, which the official code nests one level deeper (``mlp.dwconv.dwconv``).
 
 The kernel sizes are fixed by the design, so the mixer accepts and ignores the backbone's ``kernel_size``.

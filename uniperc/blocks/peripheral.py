@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
 from ..ops import DWConv2d, dwconv2d
-from ..reparam import fuse_bn, pad_to, scale_output_
+from ..reparam import fuse_bn, pad_to
 from .registry import register_block, register_mixer
 from .shell import BlockShell
 
