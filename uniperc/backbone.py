@@ -1,8 +1,8 @@
-"""One 4-stage backbone whose token mixer is chosen per stage, or per block, by name.
+"""One 4-stage backbone whose blocks and spatial mixers are chosen per stage, or per block, by name.
 
 stem (stride 4) -> [downsample (stride 2, stages 2-4) -> blocks -> optional stage norm] x 4 -> head.
 The frame (stem, downsample, norms) is chosen by name too, so each published family is this class
-with its own settings (``uniperc.variants``) and any mixer can replace any other.
+with its own settings (``uniperc.variants``); any block (shell) can hold any mixer.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from timm.layers import LayerNorm2d, NormMlpClassifierHead, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from .blocks import get_block
+from .blocks import get_block, get_mixer
+from .blocks.registry import split_kwargs
 from .layers import create_downsample, create_stem
 
 _NORMS = {"ln": LayerNorm2d, None: nn.Identity}
@@ -31,7 +32,7 @@ def _per_stage(value, num_stages: int, name: str) -> list:
 
 
 def _per_block(value, depth: int, name: str, stage: int) -> list:
-    if isinstance(value, (str, int)):
+    if isinstance(value, (str, int)) or value is None:
         return [value] * depth
     value = list(value)
     if len(value) != depth:
@@ -45,24 +46,44 @@ def _norm_layer(name, what: str) -> type[nn.Module]:
     return _NORMS[name]
 
 
-class UniPercStage(nn.Module):
-    """Downsample, then a sequence of (possibly different) mixer blocks, then an optional norm."""
+def _resolve(block: str | None, mixer: str | None, stage: int) -> tuple[str, str]:
+    """(block, mixer) names of one block: a missing block is the mixer's own published block, a missing
+    mixer the block's own mixer."""
+    if mixer is not None:
+        get_mixer(mixer)
+    if block is None:
+        if mixer is None:
+            raise ValueError(f"stage {stage}: a block needs a block or a mixer name, got neither")
+        try:
+            get_block(mixer)
+        except ValueError as e:
+            raise ValueError(f"stage {stage}: mixer {mixer!r} has no published block of its own, so name the "
+                             f"shell with block=: {e}") from None
+        return mixer, mixer
+    return block, mixer or get_block(block).own_mixer
 
-    def __init__(self, in_dim: int, dim: int, mixers: list[str], kernel_sizes: list[int],
-                 mixer_kwargs: dict, drop_path_rates: list[float], downsample: str | None, stage_norm: str | None):
+
+class UniPercStage(nn.Module):
+    """Downsample, then a sequence of (possibly different) blocks, each a shell around a mixer, then an
+    optional norm. ``mixer_kwargs`` is this stage's (see :func:`~uniperc.blocks.registry.split_kwargs`)."""
+
+    def __init__(self, in_dim: int, dim: int, blocks: list[tuple[str, str]], kernel_sizes: list[int],
+                 mixer_kwargs: dict, drop_path_rates: list[float], downsample: str | None, stage_norm: str | None,
+                 stage: int):
         super().__init__()
         self.downsample = create_downsample(downsample, in_dim, dim) if downsample else nn.Identity()
         self.shared = nn.ModuleDict()
-        for name in dict.fromkeys(mixers):
-            make_shared = getattr(get_block(name), "make_stage_shared", None)
-            shared = make_shared(dim, max(k for m, k in zip(mixers, kernel_sizes) if m == name),
-                                 **mixer_kwargs) if make_shared else None
-            if shared is not None:
-                self.shared[name] = shared
-        self.blocks = nn.Sequential(*[
-            get_block(m)(dim, k, drop_path=dp, shared=self.shared[m] if m in self.shared else None, **mixer_kwargs)
-            for m, k, dp in zip(mixers, kernel_sizes, drop_path_rates)
-        ])
+        for name in dict.fromkeys(m for _, m in blocks):
+            make_shared = getattr(get_mixer(name), "make_stage_shared", None)
+            if make_shared is not None:
+                self.shared[name] = make_shared(dim, max(k for (_, m), k in zip(blocks, kernel_sizes) if m == name))
+        where = f"mixer_kwargs[{stage}]"
+        layers = []
+        for (b, m), k, dp in zip(blocks, kernel_sizes, drop_path_rates):
+            block_kwargs, own_mixer_kwargs = split_kwargs(mixer_kwargs, b, m, where)
+            layers.append(get_block(b)(dim, k, drop_path=dp, shared=self.shared[m] if m in self.shared else None,
+                                       mixer=m, mixer_kwargs=own_mixer_kwargs, **block_kwargs))
+        self.blocks = nn.Sequential(*layers)
         self.norm = _norm_layer(stage_norm, "stage_norm")(dim)
         self.grad_checkpointing = False
 
@@ -81,16 +102,24 @@ class UniPercNet(nn.Module):
     Args:
         in_chans: input channels C' of the modality (1 for log-mel audio, 3 for images, ...).
         depths, dims: blocks and channels per stage.
-        mixer: a registered mixer name, one per stage, or per stage a list with one per block.
+        block: a registered block (shell) name (:func:`~uniperc.blocks.list_blocks`), one per stage, or per
+            stage a list with one per block; ``None``: each block is the published block of its mixer.
+        mixer: a registered spatial mixer name (:func:`~uniperc.blocks.list_mixers`), placed inside the
+            block's shell, in the same forms; ``None``: each block's own published mixer. So ``mixer="lka"``
+            alone is VAN's whole block, ``block="rfa", mixer="lka"`` UniConvNet's shell around LKA; the timm
+            variants fix ``block`` to their family's, so there ``mixer=`` swaps only the spatial mixer.
         kernel_sizes: per stage an int, or a list with one per block (mixers without a kernel size ignore it).
-        mixer_kwargs: keyword arguments for every block, or one dict per stage.
+        mixer_kwargs: per stage (one dict, or one per stage) keywords keyed by block or mixer name,
+            ``{"rfa": {"dcn_group_channels": 16}, "peripheral": {"central_region": 7}}``: each name's entry goes
+            to that block's shell and that mixer, only where the stage uses them; a flat dict is shorthand
+            for every block of the stage (:func:`~uniperc.blocks.registry.split_kwargs`).
         stem, downsample: registered frame layers (:mod:`uniperc.layers`).
         stage_norm: "ln" for a LayerNorm at the end of each stage (VAN), else None.
         head_norm: norm after global pooling ("ln" or None).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 6, 2),
-                 dims: Sequence[int] = (40, 80, 160, 320), mixer: Any = "dilated_reparam",
+                 dims: Sequence[int] = (40, 80, 160, 320), block: Any = None, mixer: Any = "dilated_reparam",
                  kernel_sizes: Any = (3, 13, 13, 13), mixer_kwargs: Any = None, stem: str = "unireplknet",
                  downsample: str = "conv_norm", stage_norm: str | None = None, head_norm: str | None = "ln",
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg",
@@ -104,9 +133,13 @@ class UniPercNet(nn.Module):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         num_stages = len(depths)
+        shells = _per_stage(block, num_stages, "block")
         mixers = _per_stage(mixer, num_stages, "mixer")
         kernels = _per_stage(kernel_sizes, num_stages, "kernel_sizes")
         kwargs = _per_stage(mixer_kwargs or {}, num_stages, "mixer_kwargs")
+        for i, kw in enumerate(kwargs):
+            if not isinstance(kw, dict) and kw is not None:
+                raise ValueError(f"mixer_kwargs[{i}] must be a dict, got {kw!r}")
         dp_rates = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
 
         self.stem = create_stem(stem, in_chans, dims[0])
@@ -116,10 +149,11 @@ class UniPercNet(nn.Module):
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             self.stages.append(UniPercStage(
                 dims[i - 1] if i else dims[0], dim,
-                mixers=_per_block(mixers[i], depth, "mixer", i),
+                blocks=[_resolve(b, m, i) for b, m in zip(_per_block(shells[i], depth, "block", i),
+                                                         _per_block(mixers[i], depth, "mixer", i))],
                 kernel_sizes=_per_block(kernels[i], depth, "kernel_sizes", i),
                 mixer_kwargs=dict(kwargs[i] or {}), drop_path_rates=dp_rates[i],
-                downsample=downsample if i else None, stage_norm=stage_norm))
+                downsample=downsample if i else None, stage_norm=stage_norm, stage=i))
             stride *= 2 if i else 1
             self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f"stages.{i}"))
         self.num_features = self.head_hidden_size = dims[-1]

@@ -1,4 +1,5 @@
-"""UniRepLKNet's Dilated Reparam Block and the UniRepLKNet block (Ding et al., CVPR 2024).
+"""UniRepLKNet's Dilated Reparam Block (the ``"dilated_reparam"`` mixer) and the UniRepLKNet block
+(the ``"dilated_reparam"`` block) (Ding et al., CVPR 2024).
 
 Train time, the large depthwise K x K conv (+BN) runs beside small dilated depthwise convs (+BN each),
 outputs summed; ``reparameterize()`` folds every BN into its conv, turns each dilated k x k kernel at rate
@@ -9,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, SEModule
+from timm.layers import SEModule
 from timm.layers.grn import GlobalResponseNorm
 
 from ..ops import DWConv2d
 from ..reparam import dilated_to_dense, fuse_bn, pad_to
-from .registry import register_block
+from .registry import register_block, register_mixer
+from .shell import BlockShell
 
 # Official branch tables: K -> (kernel sizes, dilation rates), the first entry being the non-dilated 5x5.
 PUBLISHED_BRANCHES: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -97,27 +99,36 @@ class DilatedReparamBlock(nn.Module):
         del self.origin_bn
 
 
-@register_block("dilated_reparam")
-class UniRepLKNetBlock(nn.Module):
-    """``x + drop_path(gamma * BN(Linear(GRN(GELU(Linear(SE(BN(dwconv(x)))))))))``.
+@register_mixer("dilated_reparam")
+def dilated_reparam_mixer(dim: int, kernel_size: int) -> nn.Module:
+    """UniRepLKNet's spatial mixer: a Dilated Reparam Block for K >= 7, a plain depthwise K x K (no bias: a BN
+    follows in the published block) for K in {3, 5}, and an identity for K = 0, as in the official code."""
+    if kernel_size not in (0, 3, 5) and (kernel_size < 7 or kernel_size % 2 == 0):
+        raise ValueError(f"kernel_size of the dilated_reparam mixer must be 0, 3, 5 or an odd K >= 7, "
+                         f"got {kernel_size}")
+    if kernel_size >= 7:
+        return DilatedReparamBlock(dim, kernel_size)
+    return DWConv2d(dim, kernel_size, bias=False) if kernel_size else nn.Identity()
 
-    ``dwconv`` is a Dilated Reparam Block for K >= 7 and a plain depthwise KxK (K in {3, 5}) otherwise;
-    K = 0 makes it (and its BN) an identity, as in the official code. SE reduces to dim/4; FFN is 4x.
+
+@register_block("dilated_reparam")
+class UniRepLKNetBlock(BlockShell):
+    """``x + drop_path(gamma * BN(Linear(GRN(GELU(Linear(SE(BN(mixer(x)))))))))``.
+
+    The mixer (attribute ``dwconv``, the official name) is by default :func:`dilated_reparam_mixer`; an
+    identity mixer (K = 0) drops the BN after it too. SE reduces to dim/4; FFN is ``ffn_ratio`` x.
     """
 
-    def __init__(self, dim: int, kernel_size: int, drop_path: float = 0.0, shared=None,
-                 layer_scale_init_value: float | None = 1e-6, ffn_ratio: float = 4.0):
-        super().__init__()
-        if kernel_size not in (0, 3, 5) and (kernel_size < 7 or kernel_size % 2 == 0):
-            raise ValueError(f"kernel_size of the UniRepLKNet block must be 0, 3, 5 or an odd K >= 7, "
-                             f"got {kernel_size}")
-        if kernel_size >= 7:
-            self.dwconv = DilatedReparamBlock(dim, kernel_size)
-        elif kernel_size > 0:
-            self.dwconv = DWConv2d(dim, kernel_size, bias=False)
-        else:
-            self.dwconv = nn.Identity()
-        self.norm = nn.BatchNorm2d(dim) if kernel_size > 0 else nn.Identity()
+    own_mixer, mixer_attr = "dilated_reparam", "dwconv"
+
+    def __init__(self, dim: int, kernel_size: int, drop_path: float = 0.0, shared=None, mixer: str | None = None,
+                 mixer_kwargs: dict | None = None, layer_scale_init_value: float | None = 1e-6,
+                 ffn_ratio: float = 4.0):
+        super().__init__(dim, kernel_size, drop_path)
+        if ffn_ratio <= 0:
+            raise ValueError(f"ffn_ratio must be positive, got {ffn_ratio}")
+        self.dwconv = self._make_mixer(mixer, shared, mixer_kwargs)
+        self.norm = nn.Identity() if isinstance(self.dwconv, nn.Identity) else nn.BatchNorm2d(dim)
         self.se = SEModule(dim, rd_channels=dim // 4)
         hidden = int(ffn_ratio * dim)
         self.pwconv1 = nn.Linear(dim, hidden)
@@ -125,27 +136,26 @@ class UniRepLKNetBlock(nn.Module):
         self.grn = GlobalResponseNorm(hidden, channels_last=True)
         self.pwconv2 = nn.Linear(hidden, dim, bias=False)
         self.pwconv2_bn = nn.BatchNorm2d(dim)
-        self.gamma = nn.Parameter(layer_scale_init_value * torch.ones(dim)) if layer_scale_init_value else None
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.gamma = self._layer_scale(layer_scale_init_value)
 
     def forward(self, x):
         y = self.se(self.norm(self.dwconv(x)))
         y = self.pwconv2(self.grn(self.act(self.pwconv1(y.permute(0, 2, 3, 1)))))
         y = self.pwconv2_bn(y.permute(0, 3, 1, 2))
-        if self.gamma is not None:
-            y = y * self.gamma.view(1, -1, 1, 1)
-        return x + self.drop_path(y)
+        return x + self.drop_path(self._scaled(y, self.gamma))
 
     @torch.no_grad()
     def reparameterize(self):
-        """Fold dwconv branches + BN into one conv; GRN bias, BN and layer scale into ``pwconv2``."""
+        """Fold the mixer's branches and the BN after it into one conv (own mixer; with another mixer that BN
+        stays), and GRN bias, ``pwconv2_bn`` and layer scale into ``pwconv2``."""
         if isinstance(self.norm, nn.BatchNorm2d):
             if isinstance(self.dwconv, DilatedReparamBlock):
                 self.dwconv.reparameterize()
                 self.dwconv.lk_origin = _fold_bn_into_conv(self.dwconv.lk_origin, self.norm)
-            else:
+                self.norm = nn.Identity()
+            elif isinstance(self.dwconv, DWConv2d):
                 self.dwconv = _fold_bn_into_conv(self.dwconv, self.norm)
-            self.norm = nn.Identity()
+                self.norm = nn.Identity()
         if isinstance(self.pwconv2_bn, nn.BatchNorm2d):
             scale = self.gamma if self.gamma is not None else torch.ones_like(self.pwconv2_bn.weight)
             # GRN's additive bias passes through pwconv2 unchanged: W (z + beta) = W z + W beta

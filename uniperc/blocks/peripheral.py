@@ -30,8 +30,9 @@ the peripheral conv + BN, both seeing the same embedded window (X + h). It lies 
 so :meth:`PeripheralConv.reparameterize` folds both BNs and the 5x5 into the shared parameters (plus a
 bias): the deploy form is still a peripheral conv, and computes the same function.
 
-**Block**: ConvNeXt/SLaK block ``x + drop_path(gamma * MLP(LN(mix(x))))`` where ``mix`` sends 3/8 of the
-channels through the peripheral conv and passes the rest through unchanged (the paper's partial conv).
+**Mixer** (``"peripheral"``, :class:`PartialPeripheralConv`): 3/8 of the channels through the peripheral
+conv, the rest passed through unchanged (the paper's partial conv). **Block** (``"peripheral"``): the
+ConvNeXt/SLaK block ``x + drop_path(gamma * MLP(LN(mixer(x))))``.
 SLaK's dynamic sparsity (40 %) with 1.3x width is a training procedure we do not implement; we keep the
 dense model at ConvNeXt's 1x width, whose parameter count equals the paper's non-zero count
 (1.3^2 x 0.6 ~= 1.01), see ``uniperc.variants.pelk``.
@@ -41,11 +42,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import Mlp, trunc_normal_
 
 from ..ops import DWConv2d, dwconv2d
-from ..reparam import fuse_bn, pad_to, scale_output_
-from .registry import register_block
+from ..reparam import fuse_bn, pad_to
+from .registry import register_block, register_mixer
+from .shell import BlockShell
 
 CONV_FRACTION = (3, 8)  # partial peripheral conv: 3/8 of the channels
 DEFAULT_CENTRAL_REGION = 5
@@ -209,54 +211,74 @@ class PeripheralConv(nn.Module):
         del self.bn
 
 
-@register_block("peripheral")
-class PeripheralBlock(nn.Module):
-    """ConvNeXt block with a partial peripheral conv as token mixer (PeLK).
+@register_mixer("peripheral")
+class PartialPeripheralConv(PeripheralConv):
+    """PeLK's spatial mixer: 3/8 of the channels through a :class:`PeripheralConv` on (X + h), the rest passed
+    through unchanged (the paper's partial conv).
 
-    ``x + drop_path(gamma * MLP(LN(cat(PeripheralConv(x[:3C/8]), x[3C/8:]))))``; the MLP is 4x with GELU.
     ``shared`` is the stage's :class:`PeripheralPositionEmbedding` (built by :meth:`make_stage_shared`);
-    without one, the block owns its own embedding.
+    without one, the mixer owns its own embedding (``own_pos_embed``).
     """
 
-    def __init__(self, dim: int, kernel_size: int, drop_path: float = 0.0, shared=None,
-                 central_region: int | None = None, small_kernel: int | None = None, mlp_ratio: float = 4.0,
-                 ls_init_value: float | None = 1e-6):
-        super().__init__()
+    def __init__(self, dim: int, kernel_size: int, shared=None, central_region: int | None = None,
+                 small_kernel: int | None = None):
         if dim % CONV_FRACTION[1]:
-            raise ValueError(f"dim of the peripheral block must be divisible by {CONV_FRACTION[1]} "
+            raise ValueError(f"dim of the peripheral mixer must be divisible by {CONV_FRACTION[1]} "
                              f"({CONV_FRACTION[0]}/{CONV_FRACTION[1]} of the channels are convolved), got {dim}")
-        self.conv_channels = dim * CONV_FRACTION[0] // CONV_FRACTION[1]
-        self.kernel_size = kernel_size
-        self.conv = PeripheralConv(self.conv_channels, kernel_size, central_region, small_kernel)
+        conv_channels = dim * CONV_FRACTION[0] // CONV_FRACTION[1]
+        super().__init__(conv_channels, kernel_size, central_region, small_kernel)
+        self.conv_channels = conv_channels
         if shared is None:
             shared = self.make_stage_shared(dim, kernel_size)
             self.own_pos_embed = shared
         # a plain list, so a stage-shared embedding is saved once (under the stage), not in every block
         self._pos_embed = [shared]
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU)
-        self.gamma = nn.Parameter(ls_init_value * torch.ones(dim)) if ls_init_value else None
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    @classmethod
-    def make_stage_shared(cls, dim: int, kernel_size: int, **mixer_kwargs) -> PeripheralPositionEmbedding:
-        """The stage's positional embedding over the convolved 3/8 of ``dim`` channels (other kwargs unused)."""
+    @staticmethod
+    def make_stage_shared(dim: int, kernel_size: int) -> PeripheralPositionEmbedding:
+        """The stage's positional embedding over the convolved 3/8 of ``dim`` channels."""
         _check_odd("kernel_size", kernel_size, 3)
         return PeripheralPositionEmbedding(dim * CONV_FRACTION[0] // CONV_FRACTION[1], kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv_part, identity_part = x.split([self.conv_channels, x.shape[1] - self.conv_channels], dim=1)
-        mixed = self.conv(conv_part, self._pos_embed[0](self.kernel_size))
-        y = torch.cat([mixed, identity_part], dim=1)
-        y = self.mlp(self.norm(y.permute(0, 2, 3, 1)))
-        if self.gamma is not None:
-            y = y * self.gamma
-        return x + self.drop_path(y.permute(0, 3, 1, 2))
+        mixed = super().forward(conv_part, self._pos_embed[0](self.kernel_size))
+        return torch.cat([mixed, identity_part], dim=1)
+
+
+@register_block("peripheral")
+class PeripheralBlock(BlockShell):
+    """ConvNeXt block (PeLK's shell): ``x + drop_path(gamma * MLP(LN(mixer(x))))``; the MLP is 4x with GELU.
+
+    The mixer (attribute ``conv``) is :class:`PartialPeripheralConv` by default. No spatial operation
+    outside the mixer, which is why the mixer benchmark uses this shell.
+    """
+
+    own_mixer, mixer_attr = "peripheral", "conv"
+
+    def __init__(self, dim: int, kernel_size: int, drop_path: float = 0.0, shared=None, mixer: str | None = None,
+                 mixer_kwargs: dict | None = None, mlp_ratio: float = 4.0, ls_init_value: float | None = 1e-6):
+        super().__init__(dim, kernel_size, drop_path)
+        if mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
+        self.conv = self._make_mixer(mixer, shared, mixer_kwargs)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU)
+        self.gamma = self._layer_scale(ls_init_value)
+
+    @property
+    def _pos_embed(self) -> list:
+        """The positional embedding the peripheral mixer reads (the stage's, or its own)."""
+        return self.conv._pos_embed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(self.norm(self.conv(x).permute(0, 2, 3, 1)))
+        return x + self.drop_path(self._scaled(y, self.gamma, channels_last=True).permute(0, 3, 1, 2))
 
     @torch.no_grad()
     def reparameterize(self):
-        """Fold the layer scale into ``mlp.fc2`` (the conv folds itself, see :class:`PeripheralConv`)."""
-        self.conv.reparameterize()
-        if self.gamma is not None:
-            scale_output_(self.mlp.fc2, self.gamma)
-            self.gamma = None
+        """Fold the mixer (the peripheral conv folds its BNs and small kernel) and the layer scale into
+        ``mlp.fc2``."""
+        if hasattr(self.conv, "reparameterize"):
+            self.conv.reparameterize()
+        self._fold_layer_scale("gamma", self.mlp.fc2)

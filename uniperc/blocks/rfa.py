@@ -1,4 +1,5 @@
-"""UniConvNet's Receptive Field Aggregator and UniConvBlock (Wang & Xi, ICCV 2025).
+"""UniConvNet's Receptive Field Aggregator (the ``"rfa"`` mixer) and UniConvBlock (the ``"rfa"`` block)
+(Wang & Xi, ICCV 2025).
 
 The RFA (official class ``ConvMod``) widens the effective receptive field with three stacked layers of
 *medium* depthwise kernels (7, 9, 11) instead of one huge kernel, so the ERF stays close to a Gaussian.
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerNorm2d, Mlp
+from timm.layers import LayerNorm2d, Mlp
 
 from ..ops import DCNv3, DWConv2d
 from ..reparam import scale_output_
-from .registry import register_block
+from .registry import register_block, register_mixer
+from .shell import BlockShell
 
 
 def _pw(in_ch: int, out_ch: int) -> nn.Conv2d:
@@ -94,13 +96,20 @@ class ReceptiveFieldAggregator(nn.Module):
             scale_output_(conv, s)
 
 
+@register_mixer("rfa")
+def rfa_mixer(dim: int, kernel_size: int) -> ReceptiveFieldAggregator:
+    """UniConvNet's spatial mixer; ``kernel_size`` is ignored (the RFA's kernels are fixed at 7/9/11)."""
+    return ReceptiveFieldAggregator(dim)
+
+
 @register_block("rfa")
-class UniConvBlock(nn.Module):
-    """UniConvNet block: ``x += dp(ls * RFA(x))``; then channels-last
+class UniConvBlock(BlockShell):
+    """UniConvNet block: ``x += dp(layer_scale * mixer(x))``; then channels-last
     ``x += dp(gamma1 * DCNv3(LN(x)))`` and ``x += dp(gamma2 * MLP(LN(x)))``.
 
-    ``kernel_size`` (from the backbone config) is accepted and ignored: the RFA's kernels are fixed
-    at 7/9/11 and the DCN's at 3. ``dcn_group_channels`` is the channel count per DCNv3 group
+    The mixer (attribute ``attn``) is the RFA by default, which normalises its own input (``attn.norm1``),
+    so the shell puts no norm before it; another mixer gets ``x`` as it is. ``kernel_size`` goes to the
+    mixer (the RFA ignores it; the DCN's is 3). ``dcn_group_channels`` is the channel count per DCNv3 group
     (official: 8 for UniConvNet-A..P2, i.e. ``group = dim // 8``; 16 for N0..XL).
     ``layer_scale_init_value`` defaults to 1e-6: the official ``Block`` default is 1e-5 but the
     official ``UniConvNet`` model always passes its own default 1e-6, which is what was trained.
@@ -109,54 +118,41 @@ class UniConvBlock(nn.Module):
     offset/mask, Xavier projections) -- see ``uniperc.variants.uniconvnet``.
     """
 
+    own_mixer, mixer_attr = "rfa", "attn"
+
     def __init__(self, dim: int, kernel_size: int | None = None, drop_path: float = 0.0, shared=None,
-                 mlp_ratio: float = 4.0, dcn_group_channels: int = 8,
-                 layer_scale_init_value: float = 1e-6, drop: float = 0.0):
-        super().__init__()
+                 mixer: str | None = None, mixer_kwargs: dict | None = None, mlp_ratio: float = 4.0,
+                 dcn_group_channels: int = 8, layer_scale_init_value: float = 1e-6, drop: float = 0.0):
+        super().__init__(dim, kernel_size, drop_path)
         if not isinstance(dcn_group_channels, int) or dcn_group_channels < 1 or dim % dcn_group_channels:
             raise ValueError(f"dcn_group_channels={dcn_group_channels!r} must be a positive divisor of "
                              f"dim={dim} (DCNv3 group = dim // dcn_group_channels)")
         if mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
-        self.attn = ReceptiveFieldAggregator(dim)
+        self.attn = self._make_mixer(mixer, shared, mixer_kwargs)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.dcn = DCNv3(dim, kernel_size=3, group=dim // dcn_group_channels, offset_scale=1.0)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
-        self.layer_scale = nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
-        self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
-        self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer_scale = self._layer_scale(layer_scale_init_value)
+        self.gamma1 = self._layer_scale(layer_scale_init_value)
+        self.gamma2 = self._layer_scale(layer_scale_init_value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.attn(x)
-        if self.layer_scale is not None:
-            y = y * self.layer_scale.view(1, -1, 1, 1)
-        x = (x + self.drop_path(y)).permute(0, 2, 3, 1)
-        y = self.dcn(self.norm1(x))
-        if self.gamma1 is not None:
-            y = y * self.gamma1
-        x = x + self.drop_path(y)
-        y = self.mlp(self.norm2(x))
-        if self.gamma2 is not None:
-            y = y * self.gamma2
-        x = x + self.drop_path(y)
+        x = (x + self.drop_path(self._scaled(self.attn(x), self.layer_scale))).permute(0, 2, 3, 1)
+        x = x + self.drop_path(self._scaled(self.dcn(self.norm1(x)), self.gamma1, channels_last=True))
+        x = x + self.drop_path(self._scaled(self.mlp(self.norm2(x)), self.gamma2, channels_last=True))
         return x.permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def reparameterize(self):
         """Fold the three layer scales into the linear maps that precede them (exact, also in
-        training since DropPath scales whole samples): ``layer_scale`` into the RFA's last layer
-        (``conv3_3``, ``proj3``, ``v31``), ``gamma1`` into ``dcn.output_proj``, ``gamma2`` into
-        ``mlp.fc2``; each removes one elementwise pass over the feature map. The LayerNorm affines
-        are left alone: ``layer_norm`` applies them in the same kernel, so folding them (exact where
-        only 1x1 convs / linears follow; not for ``norm1``, which also feeds the zero-padded
-        ``dcn.dw_conv``) would save nothing. Idempotent."""
-        if self.layer_scale is not None:
-            self.attn.scale_output_(self.layer_scale)
-            self.layer_scale = None
-        for gamma_name, linear in (("gamma1", self.dcn.output_proj), ("gamma2", self.mlp.fc2)):
-            gamma = getattr(self, gamma_name)
-            if gamma is not None:
-                scale_output_(linear, gamma)
-                setattr(self, gamma_name, None)
+        training since DropPath scales whole samples): ``layer_scale`` into the mixer when it can scale its
+        output (the RFA: its last layer ``conv3_3``, ``proj3``, ``v31``; otherwise it stays), ``gamma1`` into
+        ``dcn.output_proj``, ``gamma2`` into ``mlp.fc2``; each removes one elementwise pass over the feature
+        map. The LayerNorm affines are left alone: ``layer_norm`` applies them in the same kernel, so
+        folding them (exact where only 1x1 convs / linears follow; not for ``norm1``, which also feeds the
+        zero-padded ``dcn.dw_conv``) would save nothing. Idempotent."""
+        self._fold_layer_scale("layer_scale", self.attn)
+        self._fold_layer_scale("gamma1", self.dcn.output_proj)
+        self._fold_layer_scale("gamma2", self.mlp.fc2)

@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "modalities": {},
     "model": {
         "backbone": "unireplknet_a",
-        "mixer": None,          # None = the variant's own mixer
+        "mixer": None,          # None = the variant's own mixer; a name swaps only the spatial mixer in its blocks
         "kwargs": {},           # any UniPercNet argument, e.g. dims, depths, kernel_sizes, mixer_kwargs
         "drop_path_rate": 0.0,
         "drop_rate": 0.0,
@@ -262,10 +262,10 @@ def resolve(config: dict) -> dict:
         raise ValueError(f"model.backbone {model['backbone']!r} is not a registered timm model; uniperc variants: "
                          f"{_uniperc_models()}")
     if model["mixer"] is not None:
-        from uniperc.blocks import get_block
+        from uniperc.blocks import get_mixer
 
         try:
-            get_block(model["mixer"]) if isinstance(model["mixer"], str) else None
+            get_mixer(model["mixer"]) if isinstance(model["mixer"], str) else None
         except (KeyError, ValueError) as e:
             raise ValueError(f"model.mixer: {e}") from None
     if not isinstance(model["kwargs"], dict):

@@ -1,8 +1,8 @@
 """PeLK (Chen et al., CVPR 2024) variants T / S / B and B-101, registered in timm.
 
-Each variant is :class:`~uniperc.backbone.UniPercNet` with the ``"peripheral"`` mixer
-(:mod:`uniperc.blocks.peripheral`) in the ConvNeXt/SLaK frame: a 4x4 stride-4 conv + LN stem, LN + 2x2
-stride-2 conv downsampling, global pooling -> LN -> linear head.
+Each variant is :class:`~uniperc.backbone.UniPercNet` with the ``"peripheral"`` block
+(:mod:`uniperc.blocks.peripheral`; ``mixer=`` swaps only its spatial mixer) in the ConvNeXt/SLaK frame:
+a 4x4 stride-4 conv + LN stem, LN + 2x2 stride-2 conv downsampling, global pooling -> LN -> linear head.
 
 Our reading of the paper (no official code exists):
 
@@ -48,7 +48,7 @@ MODEL_ARGS = {
     "pelk_s": dict(depths=_DEEP, dims=(96, 192, 384, 768), kernel_sizes=_KERNELS),
     "pelk_b": dict(depths=_DEEP, dims=(128, 256, 512, 1024), kernel_sizes=_KERNELS),
     "pelk_b_101": dict(depths=_DEEP, dims=(128, 256, 512, 1024), kernel_sizes=_KERNELS_101,
-                       mixer_kwargs=dict(central_region=7)),
+                       mixer_kwargs={"peripheral": dict(central_region=7)}),
 }
 # Paper: params (M) / FLOPs (G) / ImageNet-1K top-1 (%) at 224 px
 PAPER_RESULTS = {"pelk_t": (29, 5.6, 82.6), "pelk_s": (50, 10.7, 83.9), "pelk_b": (89, 18.3, 84.2),
@@ -68,7 +68,8 @@ def checkpoint_filter_fn(state_dict, model):
 
 
 def _create_pelk(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
-    model_args = dict(MODEL_ARGS[variant], mixer="peripheral", stem="pelk", downsample="pelk", head_norm="ln")
+    model_args = dict(MODEL_ARGS[variant], block="peripheral", mixer=None, stem="pelk", downsample="pelk",
+                      head_norm="ln")
     return build_variant(variant, pretrained, checkpoint_filter_fn, model_args, **kwargs)
 
 

@@ -1,6 +1,7 @@
 """UniConvNet (Wang & Xi, ICCV 2025) variants A..B, registered in timm.
 
-Each variant is :class:`~uniperc.backbone.UniPercNet` with the ``"rfa"`` mixer (UniConvBlock), the
+Each variant is :class:`~uniperc.backbone.UniPercNet` with the ``"rfa"`` block (UniConvBlock, whose own
+mixer is the RFA; ``mixer=`` puts another spatial mixer in its place), the
 UniRepLKNet-style stem (conv3x3 s2 -> LN -> GELU -> conv3x3 s2 -> LN), UniConvNet's LN-then-conv
 downsampling and a pooled-LN head, with depths / dims from the official code. The DCNv3 group
 width is 8 channels for A..P2 (``group = dim // 8``) and 16 for N0..B (``models_N0-XL``).
@@ -18,8 +19,8 @@ from ..convert import CONVNEXT_FRAME_RENAMES, prepare_state_dict, register_conve
 
 __all__ = ["checkpoint_filter_fn", "convert_official_uniconvnet"]
 
-_LIGHT = dict(dcn_group_channels=8)   # models_A-P2: group = dim // 8
-_LARGE = dict(dcn_group_channels=16)  # models_N0-XL: group = dim // 16
+_LIGHT = {"rfa": dict(dcn_group_channels=8)}   # models_A-P2: group = dim // 8
+_LARGE = {"rfa": dict(dcn_group_channels=16)}  # models_N0-XL: group = dim // 16
 MODEL_ARGS = {
     "uniconvnet_a": dict(depths=(2, 3, 9, 2), dims=(24, 48, 96, 192), mixer_kwargs=_LIGHT),
     "uniconvnet_p0": dict(depths=(2, 2, 7, 2), dims=(32, 64, 128, 256), mixer_kwargs=_LIGHT),
@@ -52,8 +53,9 @@ def checkpoint_filter_fn(state_dict, model):
 
 
 def _create_uniconvnet(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
-    # kernel_sizes is nominal (the RFA's largest kernel): the block ignores it, its kernels are fixed.
-    model_args = dict(MODEL_ARGS[variant], mixer="rfa", kernel_sizes=11, stem="unireplknet",
+    # kernel_sizes is nominal (the RFA's largest kernel): the RFA ignores it, its kernels are fixed; another
+    # mixer (mixer=...) placed in this shell gets it.
+    model_args = dict(MODEL_ARGS[variant], block="rfa", mixer=None, kernel_sizes=11, stem="unireplknet",
                       downsample="norm_conv", head_norm="ln")
     return build_variant(variant, pretrained, checkpoint_filter_fn, model_args, **kwargs)
 

@@ -1,6 +1,7 @@
 """UniRepLKNet (Ding et al., CVPR 2024) variants A..XL, registered in timm.
 
-Each variant is :class:`~uniperc.backbone.UniPercNet` with the Dilated Reparam mixer, the published
+Each variant is :class:`~uniperc.backbone.UniPercNet` with the UniRepLKNet block around the Dilated Reparam
+mixer (``mixer=`` swaps only the spatial mixer), the published
 depths / dims / per-block kernel sizes, and official checkpoints mapped by :func:`checkpoint_filter_fn`.
 """
 from __future__ import annotations
@@ -59,7 +60,8 @@ def checkpoint_filter_fn(state_dict, model):
 
 
 def _create_unireplknet(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
-    model_args = dict(MODEL_ARGS[variant], mixer="dilated_reparam", stem="unireplknet", downsample="conv_norm")
+    model_args = dict(MODEL_ARGS[variant], block="dilated_reparam", mixer=None, stem="unireplknet",
+                      downsample="conv_norm")
     return build_variant(variant, pretrained, checkpoint_filter_fn, model_args, **kwargs)
 
 

@@ -1,7 +1,7 @@
 """VAN (Guo et al., "Visual Attention Network", 2022) variants b0..b3, registered in timm.
 
-Each variant is :class:`~uniperc.backbone.UniPercNet` with the ``"lka"`` mixer
-(:mod:`uniperc.blocks.lka`) in VAN's frame: a 7x7 stride-4 conv + BN stem (official ``patch_embed1``),
+Each variant is :class:`~uniperc.backbone.UniPercNet` with the ``"lka"`` block
+(:mod:`uniperc.blocks.lka`; ``mixer=`` swaps only its spatial mixer) in VAN's frame: a 7x7 stride-4 conv + BN stem (official ``patch_embed1``),
 3x3 stride-2 conv + BN downsampling (``patch_embed2..4``), a LayerNorm closing each stage (``norm1..4``),
 and global average pooling -> linear head with no norm in between. Official checkpoints map key for key
 (:func:`convert_official_van`).
@@ -89,8 +89,8 @@ def checkpoint_filter_fn(state_dict, model):
 
 
 def _create_van(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
-    model_args = dict(MODEL_ARGS[variant], mixer="lka", kernel_sizes=21,  # LKA's fixed receptive field
-                      mixer_kwargs=[dict(mlp_ratio=r) for r in _MLP_RATIOS],
+    model_args = dict(MODEL_ARGS[variant], block="lka", mixer=None, kernel_sizes=21,  # LKA's receptive field
+                      mixer_kwargs=[{"lka": dict(mlp_ratio=r)} for r in _MLP_RATIOS],
                       stem="van", downsample="van", stage_norm="ln", head_norm=None)
     return build_variant(variant, pretrained, checkpoint_filter_fn, model_args, **kwargs)
 
