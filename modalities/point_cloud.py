@@ -6,8 +6,8 @@ normals) -> centre + scale to the unit sphere -> optional voxel down-sampling (`
 unit-sphere units) -> normals estimated where the file has none (oriented away from the centroid) ->
 farthest-point down-sampling to ``num_points``. The raw row stores these points and normals.
 
-Adapter (every access, torch only): training augmentation (random rotation about the ``z`` axis,
-anisotropic scale 0.8-1.25, jitter sigma 0.01 clipped at 0.05, random drop of up to
+Adapter (every access, torch only): training augmentation (random rotation about the ``z`` axis, or a
+uniformly random 3-D rotation with ``rotation="so3"``, anisotropic scale 0.8-1.25, jitter sigma 0.01 clipped at 0.05, random drop of up to
 ``max_dropout`` of the points) -> re-normalisation to the unit sphere -> orthographic projection onto
 ``views`` fixed cameras placed on a ring at ``elevation`` degrees (MVCNN's set-up) -> per view a depth
 image (1 = nearest to the camera, 0 = background, max-reduced per pixel with
@@ -294,8 +294,14 @@ class PointCloudModality(Modality):
             "view_layout": "channels",  # "channels" | "batch"
             "projection": "fixed",  # "fixed" depth maps | "points" for LearnedProjection
             "max_dropout": 0.5,
+            "rotation": "z",  # "z": about the up axis (ModelNet is stored upright) | "so3": any 3-D rotation
             "val_fraction": 0.1,
         }
+
+    def demo_config(self) -> dict:
+        """The demo's shapes are stored in uniformly random 3-D orientations, so training rotates in 3-D too
+        (rotating about z alone covers a sliver of the poses the test clouds come in)."""
+        return self.config(rotation="so3")
 
     def validate_config(self, cfg):
         if cfg["normal_mode"] not in NORMAL_CHANNELS:
@@ -304,6 +310,8 @@ class PointCloudModality(Modality):
             raise ValueError(f"point_cloud: view_layout must be 'channels' or 'batch', got {cfg['view_layout']!r}")
         if cfg["projection"] not in ("fixed", "points"):
             raise ValueError(f"point_cloud: projection must be 'fixed' or 'points', got {cfg['projection']!r}")
+        if cfg["rotation"] not in ("z", "so3"):
+            raise ValueError(f"point_cloud: rotation must be 'z' or 'so3', got {cfg['rotation']!r}")
         for key in ("num_points", "image_size", "views"):
             if int(cfg[key]) < 1:
                 raise ValueError(f"point_cloud: {key} must be >= 1, got {cfg[key]}")
@@ -343,7 +351,7 @@ class PointCloudModality(Modality):
         nrm = np.asarray(nrm, np.float32) if nrm is not None and len(nrm) == len(pts) else np.zeros_like(pts)
         p, nvec = torch.from_numpy(pts), torch.from_numpy(nrm)
         if train:
-            p, nvec = _augment(p, nvec, cfg["max_dropout"])
+            p, nvec = _augment(p, nvec, cfg["max_dropout"], cfg["rotation"])
         p = p - p.mean(0)
         p = p / p.norm(dim=1).max().clamp_min(1e-8)
         if cfg["projection"] == "points":
@@ -442,11 +450,22 @@ def _prepare_hub_batch(batch, cfg):
     return {"points": pts, "normals": nrms, "path": [""] * len(pts), "label": batch["label"]}
 
 
-def _augment(p: torch.Tensor, n: torch.Tensor, max_dropout: float):
-    """Rotation about z, anisotropic scale, clipped jitter and random point drop (standard ModelNet recipe)."""
+def random_rotation(kind: str) -> torch.Tensor:
+    """A random 3 x 3 rotation: about z (``"z"``) or uniform over SO(3) (``"so3"``, QR of a Gaussian matrix)."""
+    if kind == "so3":
+        q, r = torch.linalg.qr(torch.randn(3, 3))
+        q = q * torch.sign(torch.diagonal(r))  # makes the factorisation unique, hence Haar-uniform
+        if torch.det(q) < 0:
+            q[:, 0] = -q[:, 0]
+        return q
     theta = float(torch.rand(()) * 2 * math.pi)
     c, s = math.cos(theta), math.sin(theta)
-    rot = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _augment(p: torch.Tensor, n: torch.Tensor, max_dropout: float, rotation: str = "z"):
+    """Rotation, anisotropic scale, clipped jitter and random point drop (standard ModelNet recipe)."""
+    rot = random_rotation(rotation)
     scale = torch.empty(3).uniform_(0.8, 1.25)
     p = (p @ rot.T) * scale
     n = (n @ rot.T) / scale  # normals transform with the inverse transpose

@@ -12,7 +12,17 @@ A clip with no decodable frame raises ``ValueError``.
 
 Adapter: frames resized to ``frame_size`` (train: one random resized crop, scale ``train_scale``, shared
 by all frames, and a horizontal flip with probability ``hflip``; eval: resize of the short side + centre
-crop), normalised by ``mean``/``std``, then laid out by ``layout``:
+crop), normalised by ``mean``/``std``, then laid out by ``layout``.
+
+A horizontal flip turns "moving left" into "moving right", so flips are drawn in :meth:`VideoModality.example`,
+where the label is known: ``mirror_labels`` maps each class to the class its mirror image shows (classes not
+listed are mirror-symmetric, as UCF101's actions are) and the label of a flipped clip is mapped through it.
+The demo declares its left/right pairs, so it trains with flips that keep every label true.
+
+``colour``: ``"rgb"`` (default) keeps the colours; ``"contrast"`` replaces each pixel by its absolute
+difference from the clip's background colour (per-channel median over all frames and pixels), for data whose
+classes do not depend on colour. The demo draws a random background and a random foreground colour per
+clip (the sign of the contrast differs per channel), which a small network otherwise memorises clip by clip.
 
 * ``"mosaic"`` (default): a true tiling ``einops.rearrange(x, "(gh gw) c h w -> c (gh h) (gw w)")``:
   frame ``t`` is the tile at row ``t // gw``, column ``t % gw``; ``gh`` = the largest divisor of T that is
@@ -129,18 +139,40 @@ class VideoModality(Modality):
             "std": list(KINETICS_STD),
             "train_scale": [0.5, 1.0],
             "hflip": 0.5,
+            "mirror_labels": {},  # class -> class a flipped clip shows; unlisted classes are mirror-symmetric
+            "mirror_index": None,  # filled on load: label index -> label index of the flipped clip
+            "colour": "rgb",  # or "contrast"
             "ucf_fold": 1,
         }
 
     def demo_config(self) -> dict:
-        """Moving-shape demo: 8 frames of 32 px (mosaic 2 x 4 -> 3 x 64 x 128); no flip (it swaps left/right)."""
-        return self.config(num_frames=8, frame_size=32, hflip=0.0, train_scale=[0.7, 1.0])
+        """Moving-shape demo: 8 frames of 32 px (mosaic 2 x 4 -> 3 x 64 x 128), flips that mirror the
+        direction label, colours replaced by contrast to the background (the demo's colours are random)."""
+        return self.config(num_frames=8, frame_size=32, hflip=0.5, mirror_labels=demo_mirror_labels(),
+                           colour="contrast", train_scale=[0.7, 1.0])
 
     def validate_config(self, cfg):
         if int(cfg["num_frames"]) < 1 or int(cfg["frame_size"]) < 4:
             raise ValueError(f"video: need num_frames >= 1 and frame_size >= 4, got {cfg['num_frames']}, {cfg['frame_size']}")
         if cfg["layout"] not in ("mosaic", "channels"):
             raise ValueError(f"video: layout must be 'mosaic' or 'channels', got {cfg['layout']!r}")
+        if cfg["colour"] not in ("rgb", "contrast"):
+            raise ValueError(f"video: colour must be 'rgb' or 'contrast', got {cfg['colour']!r}")
+        mirror = cfg["mirror_labels"]
+        if not isinstance(mirror, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mirror.items()):
+            raise ValueError(f"video: mirror_labels must map class names to class names, got {mirror!r}")
+        broken = sorted(k for k, v in mirror.items() if mirror.get(v, v) != k)
+        if broken:
+            raise ValueError(f"video: mirror_labels must pair classes both ways (a -> b and b -> a); {broken} do not")
+
+    def fit_config(self, raw, cfg):
+        """``mirror_index`` from ``mirror_labels`` and the class names; unknown names raise ``ValueError``."""
+        names = list(raw["train"].features["label"].names)
+        unknown = sorted(set(cfg["mirror_labels"]) - set(names))
+        if unknown:
+            raise ValueError(f"video: mirror_labels names class(es) {unknown} that the data does not have: {names}")
+        mirror = cfg["mirror_labels"]
+        return {**cfg, "mirror_index": [names.index(mirror.get(n, n)) for n in names]}
 
     def in_chans(self, cfg=None) -> int:
         cfg = self.config(cfg)
@@ -166,31 +198,50 @@ class VideoModality(Modality):
         )
 
     # ----------------------------------------------------------------- adapter
-    def frames_tensor(self, frames: np.ndarray, cfg: dict, train: bool) -> torch.Tensor:
-        """``T x H x W x 3`` uint8 -> normalised ``T x 3 x s x s`` (shared crop / flip over time)."""
+    def frames_tensor(self, frames: np.ndarray, cfg: dict, train: bool, flip: bool = False) -> torch.Tensor:
+        """``T x H x W x 3`` uint8 -> normalised ``T x 3 x s x s`` (one crop for all frames; ``flip`` mirrors them)."""
         from torchvision.transforms import v2
 
         x = torch.from_numpy(frames).permute(0, 3, 1, 2)
         s = int(cfg["frame_size"])
         if train:
-            tf = v2.Compose([
-                v2.RandomResizedCrop(s, scale=tuple(cfg["train_scale"]), antialias=True),
-                v2.RandomHorizontalFlip(cfg["hflip"]),
-            ])
+            tf = v2.RandomResizedCrop(s, scale=tuple(cfg["train_scale"]), antialias=True)
         else:
             tf = v2.Compose([v2.Resize(s, antialias=True), v2.CenterCrop(s)])
         x = tf(x).float() / 255.0  # v2 draws one set of parameters for the whole T x C x H x W tensor
-        mean = torch.tensor(cfg["mean"])[None, :, None, None]
+        if flip:
+            x = x.flip(-1)
         std = torch.tensor(cfg["std"])[None, :, None, None]
+        if cfg["colour"] == "contrast":
+            background = rearrange(x, "t c h w -> c (t h w)").median(dim=1).values
+            return (x - background[None, :, None, None]).abs() / std
+        mean = torch.tensor(cfg["mean"])[None, :, None, None]
         return (x - mean) / std
 
+    def example(self, raw, cfg, train):
+        """Inputs and label; a training flip (probability ``hflip``) maps the label through ``mirror_index``."""
+        label = int(raw["label"])
+        flip = train and float(torch.rand(())) < cfg["hflip"]  # always drawn: later draws do not depend on hflip
+        if flip:
+            if cfg["mirror_index"] is None:
+                if cfg["mirror_labels"]:
+                    raise ValueError("video: mirror_labels are set but mirror_index is not; load data with "
+                                     "modalities.video.load (it fits mirror_index from the class names)")
+            else:
+                label = cfg["mirror_index"][label]
+        return self._input(raw, cfg, train, flip), torch.tensor(label, dtype=torch.long)
+
     def to_input(self, raw, cfg, train):
+        """The adapter input; never flipped here, since only :meth:`example` can mirror the label too."""
+        return self._input(raw, cfg, train, flip=False)
+
+    def _input(self, raw, cfg, train, flip):
         value = raw["video"]
         if raw.get("frames"):
             value = {"frames": raw["frames"]}
         path = raw["video"].get("path") if isinstance(raw.get("video"), dict) else None
         frames = decode_frames(value, int(cfg["num_frames"]), train, f"video sample {path or ''}".strip())
-        x = self.frames_tensor(frames, cfg, train)
+        x = self.frames_tensor(frames, cfg, train, flip)
         if cfg["layout"] == "mosaic":
             return mosaic(x).contiguous()
         return rearrange(x, "t c h w -> (t c) h w").contiguous()
@@ -291,6 +342,17 @@ class VideoModality(Modality):
                         for packet in stream.encode():
                             container.mux(packet)
         return root
+
+
+def demo_mirror_labels() -> dict[str, str]:
+    """Demo class -> the class its mirror image shows: left and right swap, up and down stay."""
+    out = {}
+    for shape in DEMO_SHAPES:
+        for direction, (dx, dy) in DEMO_DIRECTIONS.items():
+            mirrored = next(d for d, v in DEMO_DIRECTIONS.items() if v == (-dx, dy))
+            if mirrored != direction:
+                out[f"{shape}_{direction}"] = f"{shape}_{mirrored}"
+    return out
 
 
 def _kinetics_items(path: Path, val_fraction: float, seed: int):

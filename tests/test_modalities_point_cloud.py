@@ -140,3 +140,20 @@ def test_voxel_down_sampling_thins_dense_clouds():
     full, _ = prepare_cloud(p, None, cfg, "dense")
     thin, normals = prepare_cloud(p, None, m.config(num_points=4000, voxel_size=0.2), "dense")
     assert len(full) == 4000 and 100 < len(thin) < 1000 and normals.shape == thin.shape
+
+
+def test_so3_rotation_is_a_rotation_and_leaves_the_z_axis():
+    from modalities.point_cloud import random_rotation
+
+    torch.manual_seed(0)
+    tilts = []
+    for kind in ("z", "so3"):
+        for _ in range(20):
+            r = random_rotation(kind)
+            assert torch.allclose(r @ r.T, torch.eye(3), atol=1e-5) and torch.det(r) > 0.999
+            tilts.append((kind, float(r[2, 2])))
+    assert all(abs(t - 1) < 1e-6 for k, t in tilts if k == "z")  # z rotations keep the up axis
+    assert min(t for k, t in tilts if k == "so3") < 0.5  # 3-D rotations tip it over
+    assert m.demo_config()["rotation"] == "so3" and m.default_config()["rotation"] == "z"
+    with pytest.raises(ValueError, match="rotation"):
+        m.config(rotation="xyz")

@@ -98,3 +98,101 @@ def test_corrupt_video_raises_naming_the_file(tmp_path):
 def test_hub_spec_is_ucf101_frames():
     spec = m.hub_spec()
     assert spec.name == "flwrlabs/ucf101" and spec.num_classes == 101 and spec.columns["image"] == "frames"
+
+
+def _raw(ds, label_name):
+    """The first raw row (no transform) of class ``label_name``."""
+    raw = ds.with_format(None)
+    y = raw.features["label"].str2int(label_name)
+    return next(r for r in raw if r["label"] == y)
+
+
+def _centroid_track(x, cols):
+    """Horizontal centre of the brightest pixels of each mosaic tile (contrast colour: the shape is bright)."""
+    gh, gw = grid_shape(cols)
+    s = x.shape[-1] // gw
+    tiles = x.sum(0).reshape(gh, s, gw, s).permute(0, 2, 1, 3).reshape(gh * gw, s, s)
+    track = []
+    for tile in tiles:
+        ys, xs = torch.nonzero(tile > tile.max() * 0.5, as_tuple=True)
+        track.append(xs.float().mean().item())
+    return track
+
+
+def test_flip_mirrors_the_direction_label(demo):
+    dsd, _ = demo
+    cfg = {**m.fitted_config(dsd), "hflip": 1.0, "train_scale": [1.0, 1.0]}
+    names = m.label_names(dsd)
+    raw = _raw(dsd["train"], "circle_left")
+    torch.manual_seed(3)
+    x_flip, y_flip = m.example(raw, cfg, train=True)
+    torch.manual_seed(3)
+    x_keep, y_keep = m.example(raw, {**cfg, "hflip": 0.0}, train=True)
+    assert names[y_keep] == "circle_left" and names[y_flip] == "circle_right"
+    assert torch.equal(x_flip, mosaic_flip(x_keep, cfg))
+    track = _centroid_track(x_flip, cfg["num_frames"])
+    assert track[-1] - track[0] > 3  # the flipped clip really moves right
+    up = _raw(dsd["train"], "square_up")
+    assert names[m.example(up, cfg, train=True)[1]] == "square_up"  # vertical motion survives a flip
+
+
+def mosaic_flip(x, cfg):
+    """Mirror every tile of a mosaic (what flipping each frame before tiling gives)."""
+    gh, gw = grid_shape(cfg["num_frames"])
+    from einops import rearrange
+
+    frames = rearrange(x, "c (gh h) (gw w) -> (gh gw) c h w", gh=gh, gw=gw)
+    return mosaic(frames.flip(-1))
+
+
+def test_mirror_labels_are_checked():
+    with pytest.raises(ValueError, match="both ways"):
+        m.config(mirror_labels={"a_left": "a_right"})
+    with pytest.raises(ValueError, match="mirror_labels"):
+        m.config(mirror_labels={"a": 1})
+
+
+def test_mirror_labels_must_name_real_classes(demo):
+    _, root = demo
+    with pytest.raises(ValueError, match="mirror_labels names class"):
+        m.load("folder", path=root, cfg=m.config(m.demo_config(), mirror_labels={"disc_left": "disc_right",
+                                                                              "disc_right": "disc_left"}))
+
+
+def test_labels_agree_across_splits_and_with_folders(demo):
+    dsd, _ = demo
+    names = m.label_names(dsd)
+    for split in ("train", "validation", "test"):
+        raw = dsd[split].with_format(None)
+        assert raw.features["label"].names == names
+        counts = np.bincount(raw["label"], minlength=len(names))
+        assert (counts == counts[0]).all() and counts[0] > 0, split  # balanced
+        for row in raw:  # the label is the class folder the file sits in
+            assert names[row["label"]] == row["video"]["path"].split("/")[-2]
+
+
+def test_contrast_colour_ignores_the_sign_of_the_contrast(demo):
+    _, root = demo
+    f = next((root / "train" / "triangle_down").glob("*.mp4"))
+    frames = decode_frames({"bytes": None, "path": str(f)}, 4, False, "t")
+    cfg = m.config(colour="contrast", frame_size=16)
+    a = m.frames_tensor(frames, cfg, train=False)
+    b = m.frames_tensor(255 - frames, cfg, train=False)
+    # equal up to uint8 rounding of the resize (a few levels of 255, divided by std ~0.22)
+    assert torch.allclose(a, b, atol=0.06) and a.min() >= 0
+    rgb = m.frames_tensor(frames, m.config(frame_size=16), train=False)
+    assert not torch.allclose(rgb, m.frames_tensor(255 - frames, m.config(frame_size=16), train=False), atol=0.06)
+
+
+def test_loads_are_deterministic(demo):
+    from uniperc.train.data import SeededAugment
+
+    dsd, root = demo
+    f = next((root / "test" / "square_right").glob("*.mp4"))
+    assert torch.equal(m.read_file(f), m.read_file(f))
+    a, b = SeededAugment(dsd["train"], seed=1), SeededAugment(dsd["train"], seed=1)
+    assert torch.equal(a[5]["inputs"], b[5]["inputs"]) and torch.equal(a[5]["labels"], b[5]["labels"])
+    torch.manual_seed(0)
+    first = dsd["train"][5]["inputs"]
+    torch.manual_seed(0)
+    assert torch.equal(dsd["train"][5]["inputs"], first)  # train-time frame sampling draws from the seeded RNG
