@@ -8,6 +8,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ._registry import register_into
 from .reparam import reparameterize
 
 _CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {}
@@ -36,14 +37,7 @@ def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: Sequence[tuple]) 
 
 def register_converter(family: str):
     """Decorator for ``fn(official_state_dict) -> uniperc_state_dict`` (key renames and reshapes)."""
-
-    def wrap(fn):
-        if family in _CONVERTERS and _CONVERTERS[family] is not fn:
-            raise ValueError(f"checkpoint family {family!r} already has a converter")
-        _CONVERTERS[family] = fn
-        return fn
-
-    return wrap
+    return register_into(_CONVERTERS, "checkpoint family", family)
 
 
 def _unwrap(state_dict: Mapping) -> Mapping[str, torch.Tensor]:

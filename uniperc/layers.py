@@ -8,28 +8,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 
+from ._registry import register_into
+
 _STEMS: dict[str, Callable[[int, int], nn.Module]] = {}
 _DOWNSAMPLES: dict[str, Callable[[int, int], nn.Module]] = {}
 
 
-def _register(table: dict, kind: str, name: str):
-    def wrap(fn):
-        if name in table and table[name] is not fn:
-            raise ValueError(f"{kind} name {name!r} is already registered")
-        table[name] = fn
-        return fn
-
-    return wrap
-
-
 def register_stem(name: str):
     """Decorator for ``fn(in_chans, out_dim) -> nn.Module`` with total stride 4."""
-    return _register(_STEMS, "stem", name)
+    return register_into(_STEMS, "stem", name)
 
 
 def register_downsample(name: str):
     """Decorator for ``fn(in_dim, out_dim) -> nn.Module`` with stride 2."""
-    return _register(_DOWNSAMPLES, "downsample", name)
+    return register_into(_DOWNSAMPLES, "downsample", name)
 
 
 def _lookup(table: dict, kind: str, name: str):

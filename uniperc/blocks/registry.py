@@ -23,6 +23,8 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+from .._registry import register_into
+
 _BLOCKS: dict[str, type] = {}
 _MIXERS: dict[str, Callable] = {}
 # arguments the backbone itself supplies: never user keywords
@@ -30,24 +32,14 @@ _BLOCK_ARGS = ("self", "dim", "kernel_size", "drop_path", "shared", "mixer", "mi
 _MIXER_ARGS = ("dim", "kernel_size", "shared")
 
 
-def _register(table: dict, kind: str, name: str):
-    def wrap(obj):
-        if name in table and table[name] is not obj:
-            raise ValueError(f"{kind} name {name!r} is already registered to {table[name].__name__}")
-        table[name] = obj
-        return obj
-
-    return wrap
-
-
 def register_block(name: str):
     """Class decorator: make a block (shell) available to the backbone under ``name``."""
-    return _register(_BLOCKS, "block", name)
+    return register_into(_BLOCKS, "block", name)
 
 
 def register_mixer(name: str):
     """Decorator: make a spatial mixer (class or factory) available to every block under ``name``."""
-    return _register(_MIXERS, "mixer", name)
+    return register_into(_MIXERS, "mixer", name)
 
 
 def get_block(name: str) -> type:
