@@ -33,6 +33,7 @@ demo: install
 	$(PY) -c "import modalities; print('audio demo set:', modalities.get('audio').ensure_demo(seed=0))"
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train.py --modality audio
 	$(PY) -m uniperc.evaluate --checkpoint runs/audio --split test
+	$(PY) -m uniperc.evaluate --checkpoint runs/audio --split test_festival
 
 bench: install
 	$(PY) -m uniperc.bench backbone --model unireplknet_a --batch 32 --size 128

@@ -151,6 +151,11 @@ class AudioModality(Modality):
             "freq_mask": 48,  # SpecAugment widths (AST's Speech Commands recipe); 0 disables
             "time_mask": 48,
             "time_shift": True,  # random placement / crop in training
+            # voice / channel augmentation in training (0 disables each): robustness to unseen speakers
+            # and synthesisers, whose formant scale, spectral colour and speaking rate differ
+            "vtln_warp": 0.0,  # VTLP: Kaldi's VTLN frequency warp, factor uniform in 1 +- this
+            "eq_db": 0.0,  # one random peaking-EQ band (200-4000 Hz, Q 0.5-2) of gain uniform in +- this dB
+            "tempo": 0.0,  # speaking rate: the frames resampled in time by a factor uniform in 1 +- this
         }
 
     def demo_config(self) -> dict:
@@ -161,6 +166,9 @@ class AudioModality(Modality):
         for key in ("sample_rate", "n_mels", "target_frames"):
             if int(cfg[key]) <= 0:
                 raise ValueError(f"audio: {key} must be positive, got {cfg[key]}")
+        for key, high in (("vtln_warp", 0.5), ("eq_db", 40.0), ("tempo", 0.5)):
+            if not 0 <= float(cfg[key]) < high:
+                raise ValueError(f"audio: {key} must be in [0, {high}), got {cfg[key]}")
         if cfg["norm"] not in ("instance", "fixed"):
             raise ValueError(f"audio: norm must be 'instance' or 'fixed', got {cfg['norm']!r}")
 
@@ -183,13 +191,23 @@ class AudioModality(Modality):
         )
 
     # ----------------------------------------------------------------- adapter
-    def fbank(self, wave: np.ndarray, sr: int, cfg: dict, what: str = "audio") -> torch.Tensor:
-        """Mono wave at any rate -> normalised log-mel ``n_mels x frames`` (frames = clip length)."""
+    def fbank(self, wave: np.ndarray, sr: int, cfg: dict, what: str = "audio", train: bool = False) -> torch.Tensor:
+        """Mono wave at any rate -> normalised log-mel ``n_mels x frames`` (frames = clip length).
+
+        ``train`` applies the voice / channel augmentation of ``vtln_warp``, ``eq_db`` and ``tempo``.
+        """
         import torchaudio
 
         x = torch.from_numpy(wave)[None]
         if sr != cfg["sample_rate"]:
             x = _resampler(int(sr), int(cfg["sample_rate"]))(x)
+        warp = 1.0
+        if train and cfg["eq_db"]:
+            x = torchaudio.functional.equalizer_biquad(
+                x, int(cfg["sample_rate"]), center_freq=float(200 * 20 ** torch.rand(()).item()),
+                gain=float((2 * torch.rand(()) - 1) * cfg["eq_db"]), Q=float(0.5 + 1.5 * torch.rand(())))
+        if train and cfg["vtln_warp"]:
+            warp = float(1 + (2 * torch.rand(()) - 1) * cfg["vtln_warp"])
         min_len = int(round(cfg["sample_rate"] * cfg["frame_length_ms"] / 1000))
         if x.shape[1] < min_len:  # shorter than one analysis window: pad to one frame
             x = torch.nn.functional.pad(x, (0, min_len - x.shape[1]))
@@ -203,7 +221,12 @@ class AudioModality(Modality):
             dither=0.0,
             frame_shift=float(cfg["frame_shift_ms"]),
             frame_length=float(cfg["frame_length_ms"]),
+            vtln_warp=warp,
         ).T  # (n_mels, frames)
+        if train and cfg["tempo"]:
+            rate = float(1 + (2 * torch.rand(()) - 1) * cfg["tempo"])
+            frames = max(1, round(fb.shape[1] / rate))
+            fb = torch.nn.functional.interpolate(fb[None], size=frames, mode="linear", align_corners=True)[0]
         if cfg["norm"] == "instance":
             fb = (fb - fb.mean()) / fb.std().clamp_min(1e-5)
         else:
@@ -213,7 +236,7 @@ class AudioModality(Modality):
     def to_input(self, raw, cfg, train):
         what = f"audio sample (speaker {raw.get('speaker')})" if raw.get("speaker") else "audio sample"
         wave, sr = decode_audio(raw["audio"], what)
-        fb = self.fbank(wave, sr, cfg, what)
+        fb = self.fbank(wave, sr, cfg, what, train=train)
         fb = _fit_frames(fb, int(cfg["target_frames"]), random=train and cfg["time_shift"])
         if train:
             from torchaudio.transforms import FrequencyMasking, TimeMasking

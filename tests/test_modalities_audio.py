@@ -183,3 +183,18 @@ def test_missing_festival_is_a_clear_value_error(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/espeak-ng" if name == "espeak-ng" else None)
     with pytest.raises(ValueError, match="festival.*apt-get install -y festival festvox-kallpc16k"):
         m.make_demo(tmp_path, n_per_class=1, festival_per_class=1)
+
+
+def test_voice_augmentation_only_in_training_and_validated():
+    cfg = m.config(target_frames=40, n_mels=32, vtln_warp=0.1, eq_db=10.0, tempo=0.2, freq_mask=0, time_mask=0,
+                   time_shift=False)
+    raw = {"audio": {"array": tone(800, 16000, 0.3), "sampling_rate": 16000}}
+    plain = m.to_input(raw, m.config(cfg, vtln_warp=0.0, eq_db=0.0, tempo=0.0), True)
+    assert torch.equal(m.to_input(raw, cfg, False), m.to_input(raw, cfg, False))  # evaluation: no augmentation
+    torch.manual_seed(0)
+    a, b = m.to_input(raw, cfg, True), m.to_input(raw, cfg, True)
+    assert a.shape == plain.shape == (1, 32, 40) and not torch.equal(a, b) and not torch.equal(a, plain)
+    with pytest.raises(ValueError, match="vtln_warp"):
+        m.config(vtln_warp=0.7)
+    with pytest.raises(ValueError, match="tempo"):
+        m.config(tempo=-0.1)
