@@ -2,15 +2,16 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := espeak-ng libusb-1.0-0
+APT_PACKAGES := espeak-ng festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libusb-1.0-0
 STAMP  := $(VENV)/.installed
 LOCK   := requirements-lock.txt
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench results clean
 
 install: $(STAMP)
 
-# Debian packages (speech synthesis for the audio demo, libusb for open3d) when run as root, then a
+# Debian packages (speech synthesis for the audio demo: espeak-ng for training, festival and its English
+# voices for the held-out-synthesiser test set; libusb for open3d) when run as root, then a
 # virtual environment with the project and its test extras. On CPython 3.11 / x86_64 the pinned lock is
 # installed first (no dependency resolution: about 2 minutes instead of 8); elsewhere pip resolves.
 $(STAMP): pyproject.toml $(LOCK)
@@ -32,9 +33,16 @@ demo: install
 	$(PY) -c "import modalities; print('audio demo set:', modalities.get('audio').ensure_demo(seed=0))"
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train.py --modality audio
 	$(PY) -m uniperc.evaluate --checkpoint runs/audio --split test
+	$(PY) -m uniperc.evaluate --checkpoint runs/audio --split test_festival
 
 bench: install
 	$(PY) -m uniperc.bench backbone --model unireplknet_a --batch 32 --size 128
+
+# The results table (docs/results.md): every shipped recipe trained and scored beside its baselines. Not part of
+# `make test` (it trains every recipe in full); RESULTS_ARGS adds options, e.g. RESULTS_ARGS="--joint --only audio".
+RESULTS_ARGS ?=
+results: install
+	OMP_NUM_THREADS=1 $(PY) -m uniperc.bench recipes --runs runs/recipes --output docs/results.md $(RESULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

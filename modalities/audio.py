@@ -20,9 +20,11 @@ Reading of the details (documented because the paper leaves them open):
   and fewer frames make CPU training faster.
 
 Sources: ``demo`` = spoken digits synthesised with espeak-ng over many voices, speeds, pitches plus
-noise, the test split using voices that never occur in training; ``folder`` = the Speech Commands
+noise, the test split using voices that never occur in training, plus (``festival_per_class`` > 0) a
+``test_festival`` split spoken by Debian's festival synthesiser, which never occurs in training: a test of
+robustness to a synthesiser never heard rather than a voice never heard; ``folder`` = the Speech Commands
 layout (``root/<label>/<speaker>_nohash_<n>.wav`` with optional ``validation_list.txt`` /
-``testing_list.txt``); ``hub`` = Speech Commands v0.02 (``google/speech_commands``, 35 words).
+``testing_list.txt``, and any ``test_<name>_list.txt`` as an extra evaluation split ``test_<name>``); ``hub`` = Speech Commands v0.02 (``google/speech_commands``, 35 words).
 Raw rows store ``{"audio": {"bytes", "path"}}`` and are decoded in the transform, so neither torchcodec
 nor FFmpeg is needed.
 """
@@ -55,6 +57,12 @@ VARIANTS = (
     "aunty", "belinda", "boris", "david", "edward", "grandpa", "iven", "john", "linda",
     "max", "paul", "quincy", "rob", "robert", "steph", "adam", "norbert",
 )  # left out: "zac" (formants x1.45, a child-like outlier no other voice prepares for) and "travis" (x0.5)
+# festival voices Debian ships for English -> the package that ships each (none are in training data)
+FESTIVAL_VOICES = {
+    "kal_diphone": "festvox-kallpc16k",  # US male diphone (installed with the festival package)
+    "ked_diphone": "festvox-kdlpc16k",  # US male diphone
+    "cmu_us_slt_arctic_hts": "festvox-us-slt-hts",  # US female, HMM-based (HTS), 32 kHz
+}
 SPEECH_COMMANDS_V2_LABELS = (
     "backward", "bed", "bird", "cat", "dog", "down", "eight", "five", "follow", "forward", "four", "go",
     "happy", "house", "learn", "left", "marvin", "nine", "no", "off", "on", "one", "right", "seven",
@@ -143,6 +151,11 @@ class AudioModality(Modality):
             "freq_mask": 48,  # SpecAugment widths (AST's Speech Commands recipe); 0 disables
             "time_mask": 48,
             "time_shift": True,  # random placement / crop in training
+            # voice / channel augmentation in training (0 disables each): robustness to unseen speakers
+            # and synthesisers, whose formant scale, spectral colour and speaking rate differ
+            "vtln_warp": 0.0,  # VTLP: Kaldi's VTLN frequency warp, factor uniform in 1 +- this
+            "eq_db": 0.0,  # one random peaking-EQ band (200-4000 Hz, Q 0.5-2) of gain uniform in +- this dB
+            "tempo": 0.0,  # speaking rate: the frames resampled in time by a factor uniform in 1 +- this
         }
 
     def demo_config(self) -> dict:
@@ -153,6 +166,9 @@ class AudioModality(Modality):
         for key in ("sample_rate", "n_mels", "target_frames"):
             if int(cfg[key]) <= 0:
                 raise ValueError(f"audio: {key} must be positive, got {cfg[key]}")
+        for key, high in (("vtln_warp", 0.5), ("eq_db", 40.0), ("tempo", 0.5)):
+            if not 0 <= float(cfg[key]) < high:
+                raise ValueError(f"audio: {key} must be in [0, {high}), got {cfg[key]}")
         if cfg["norm"] not in ("instance", "fixed"):
             raise ValueError(f"audio: norm must be 'instance' or 'fixed', got {cfg['norm']!r}")
 
@@ -175,13 +191,23 @@ class AudioModality(Modality):
         )
 
     # ----------------------------------------------------------------- adapter
-    def fbank(self, wave: np.ndarray, sr: int, cfg: dict, what: str = "audio") -> torch.Tensor:
-        """Mono wave at any rate -> normalised log-mel ``n_mels x frames`` (frames = clip length)."""
+    def fbank(self, wave: np.ndarray, sr: int, cfg: dict, what: str = "audio", train: bool = False) -> torch.Tensor:
+        """Mono wave at any rate -> normalised log-mel ``n_mels x frames`` (frames = clip length).
+
+        ``train`` applies the voice / channel augmentation of ``vtln_warp``, ``eq_db`` and ``tempo``.
+        """
         import torchaudio
 
         x = torch.from_numpy(wave)[None]
         if sr != cfg["sample_rate"]:
             x = _resampler(int(sr), int(cfg["sample_rate"]))(x)
+        warp = 1.0
+        if train and cfg["eq_db"]:
+            x = torchaudio.functional.equalizer_biquad(
+                x, int(cfg["sample_rate"]), center_freq=float(200 * 20 ** torch.rand(()).item()),
+                gain=float((2 * torch.rand(()) - 1) * cfg["eq_db"]), Q=float(0.5 + 1.5 * torch.rand(())))
+        if train and cfg["vtln_warp"]:
+            warp = float(1 + (2 * torch.rand(()) - 1) * cfg["vtln_warp"])
         min_len = int(round(cfg["sample_rate"] * cfg["frame_length_ms"] / 1000))
         if x.shape[1] < min_len:  # shorter than one analysis window: pad to one frame
             x = torch.nn.functional.pad(x, (0, min_len - x.shape[1]))
@@ -195,7 +221,12 @@ class AudioModality(Modality):
             dither=0.0,
             frame_shift=float(cfg["frame_shift_ms"]),
             frame_length=float(cfg["frame_length_ms"]),
+            vtln_warp=warp,
         ).T  # (n_mels, frames)
+        if train and cfg["tempo"]:
+            rate = float(1 + (2 * torch.rand(()) - 1) * cfg["tempo"])
+            frames = max(1, round(fb.shape[1] / rate))
+            fb = torch.nn.functional.interpolate(fb[None], size=frames, mode="linear", align_corners=True)[0]
         if cfg["norm"] == "instance":
             fb = (fb - fb.mean()) / fb.std().clamp_min(1e-5)
         else:
@@ -205,7 +236,7 @@ class AudioModality(Modality):
     def to_input(self, raw, cfg, train):
         what = f"audio sample (speaker {raw.get('speaker')})" if raw.get("speaker") else "audio sample"
         wave, sr = decode_audio(raw["audio"], what)
-        fb = self.fbank(wave, sr, cfg, what)
+        fb = self.fbank(wave, sr, cfg, what, train=train)
         fb = _fit_frames(fb, int(cfg["target_frames"]), random=train and cfg["time_shift"])
         if train:
             from torchaudio.transforms import FrequencyMasking, TimeMasking
@@ -225,6 +256,8 @@ class AudioModality(Modality):
 
         Split: ``validation_list.txt`` / ``testing_list.txt`` (paths relative to root) when present,
         else a stable hash of the speaker id (file-name part before ``_nohash_``), as Speech Commands does.
+        Each ``test_<name>_list.txt`` makes an extra evaluation split ``test_<name>`` of the files it lists
+        (e.g. the demo's ``test_festival``), which are then in no other split.
         """
         import datasets
 
@@ -239,15 +272,20 @@ class AudioModality(Modality):
                     files.append(f)
                     ys.append(y)
                     speakers.append(f.name.split("_nohash_")[0] if "_nohash_" in f.name else f.stem)
+        rel = [f.relative_to(path).as_posix() for f in files]
+        extra = {f.name[: -len("_list.txt")]: f for f in sorted(path.glob("test_*_list.txt"))}
+        extra_of = {line: s for s, f in extra.items() for line in f.read_text().split()}
         lists = {s: path / n for s, n in (("validation", "validation_list.txt"), ("test", "testing_list.txt"))}
         if all(p.exists() for p in lists.values()):
-            listed = {line.strip(): s for s, p in lists.items() for line in p.read_text().split() if line.strip()}
-            splits = [listed.get(f.relative_to(path).as_posix(), "train") for f in files]
+            listed = {line: s for s, p in lists.items() for line in p.read_text().split()}
+            splits = [listed.get(r, "train") for r in rel]
         else:
             splits = split_by_key(speakers, (val_fraction, test_fraction), seed)
+        # a file on an extra list belongs to that split only: never to train (it is why the list exists)
+        splits = [extra_of.get(r, s) for r, s in zip(rel, splits)]
         feats = self.raw_features(labels, cfg)
         out = {}
-        for split in ("train", "validation", "test"):
+        for split in ("train", "validation", "test", *extra):
             idx = [i for i, s in enumerate(splits) if s == split]
             out[split] = datasets.Dataset.from_dict(
                 {
@@ -279,6 +317,7 @@ class AudioModality(Modality):
         test_fraction: float = 0.2,
         val_fraction: float = 0.1,
         workers: int | None = None,
+        festival_per_class: int = 0,
     ):
         """Spoken digits "zero".."nine" from espeak-ng: ``n_per_class`` clips per digit (default 2200 clips).
 
@@ -289,6 +328,10 @@ class AudioModality(Modality):
         22.05 kHz (the adapter resamples). The voice variants are split into disjoint train / validation /
         test pools, so test voices never occur in training; the split is written as Speech Commands'
         ``validation_list.txt`` / ``testing_list.txt``.
+
+        ``festival_per_class`` > 0 adds that many clips per digit spoken by festival (:func:`_festival_clips`),
+        listed in ``test_festival_list.txt``: the ``test_festival`` split, in no other split. It is 0 by
+        default, so only a config that asks for it needs festival installed.
         """
         import soundfile as sf
 
@@ -300,6 +343,10 @@ class AudioModality(Modality):
             )
         if n_per_class < 1:
             raise ValueError(f"audio demo: n_per_class must be >= 1, got {n_per_class}")
+        if festival_per_class < 0:
+            raise ValueError(f"audio demo: festival_per_class must be >= 0, got {festival_per_class}")
+        if festival_per_class:
+            _check_festival()  # before any espeak work, so a missing voice costs no time
         root = Path(root)
         rng = np.random.default_rng(seed)
         variants = list(rng.permutation(VARIANTS))
@@ -339,6 +386,14 @@ class AudioModality(Modality):
                     lists[s["split"]].append(rel)
         (root / "validation_list.txt").write_text("\n".join(lists["validation"]) + "\n")
         (root / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n")
+        if festival_per_class:
+            festival = []
+            for digit, speaker, k, clip, sr in _festival_clips(festival_per_class, seed):
+                rel = f"{digit}/{speaker}_nohash_{k:05d}.wav"
+                sf.write(root / rel, clip, sr, subtype="PCM_16")
+                festival.append(rel)
+            (root / "test_festival_list.txt").write_text("\n".join(festival) + "\n")
+            pools["test_festival"] = [f"festival-{v}" for v in FESTIVAL_VOICES]
         (root / "voices.json").write_text(json.dumps(pools, indent=1))
         return root
 
@@ -374,7 +429,11 @@ def _synthesise_session(s: dict) -> tuple[list[np.ndarray], int]:
     words = _split_on_silence(wave, min_gap=int(0.4 * sr))
     if len(words) != len(DIGITS):  # an unusual voice put a long pause inside a word: one call per digit
         words = [_trim(_espeak(d, voice, s["speed"], s["pitch"], ssml=False)[0]) for d in DIGITS]
-    rng = np.random.default_rng(s["seed"])
+    return _postprocess(words, sr, np.random.default_rng(s["seed"])), sr
+
+
+def _postprocess(words: list[np.ndarray], sr: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Every demo clip, whichever synthesiser spoke it: random silence padding, gain and white noise."""
     clips = []
     for w in words:
         pad = rng.integers(int(0.02 * sr), int(0.15 * sr), size=2)
@@ -384,7 +443,60 @@ def _synthesise_session(s: dict) -> tuple[list[np.ndarray], int]:
         noise_rms = speech_rms / 10 ** (rng.uniform(10, 30) / 20)  # SNR 10-30 dB
         clip = clip + rng.normal(0, noise_rms, clip.shape).astype(np.float32)
         clips.append(np.clip(clip, -1, 1))
-    return clips, sr
+    return clips
+
+
+def _check_festival() -> None:
+    """``ValueError`` naming what to install when festival or one of :data:`FESTIVAL_VOICES` is missing."""
+    packages = " ".join(["festival", *FESTIVAL_VOICES.values()])
+    if shutil.which("festival") is None:
+        raise ValueError(
+            "audio demo: festival_per_class > 0 needs the festival speech synthesiser, which was not found on "
+            f"PATH; install it with its voices (Debian/Ubuntu: `apt-get install -y {packages}`) or set "
+            "festival_per_class to 0"
+        )
+    out = subprocess.run(["festival", "--pipe"], input="(print (voice.list))", capture_output=True, text=True,
+                         check=True).stdout
+    missing = [v for v in FESTIVAL_VOICES if v not in out.replace("(", " ").replace(")", " ").split()]
+    if missing:
+        raise ValueError(
+            f"audio demo: festival is installed but lacks the voice(s) {', '.join(missing)}; install "
+            f"`apt-get install -y {' '.join(FESTIVAL_VOICES[v] for v in missing)}` or set festival_per_class to 0"
+        )
+
+
+def _festival_clips(n_per_class: int, seed: int):
+    """``(digit, speaker, k, clip, rate)`` for ``n_per_class`` festival sessions of the ten digits.
+
+    One festival process synthesises every utterance (a Scheme script: the voices in turn, a
+    ``Duration_Stretch`` of 0.8-1.25 per session, each digit its own utterance at the voice's own rate); the
+    silence around each word is trimmed 40 dB below its peak (festival's silence is not exact zeros), then
+    :func:`_postprocess` pads it, sets the gain and adds noise exactly as for espeak. Deterministic from
+    ``seed`` (festival is).
+    """
+    import tempfile
+
+    import soundfile as sf
+
+    rng = np.random.default_rng([seed, 7])  # its own stream: the espeak part does not change
+    voices = list(FESTIVAL_VOICES)
+    sessions = [{"k": k, "voice": voices[k % len(voices)], "stretch": float(rng.uniform(0.8, 1.25)),
+                 "seed": int(rng.integers(2**31))} for k in range(n_per_class)]
+    with tempfile.TemporaryDirectory() as tmp:
+        script = []
+        for s in sorted(sessions, key=lambda s: voices.index(s["voice"])):  # each voice loaded once
+            script += [f"(voice_{s['voice']})", f"(Parameter.set 'Duration_Stretch {s['stretch']:.3f})"]
+            script += [f'(utt.save.wave (utt.synth (Utterance Text "{d}")) "{tmp}/{s["k"]}_{d}.wav" \'riff)'
+                       for d in DIGITS]
+        (Path(tmp) / "digits.scm").write_text("\n".join(script) + "\n")
+        subprocess.run(["festival", "-b", str(Path(tmp) / "digits.scm")], capture_output=True, check=True)
+        for s in sessions:
+            words, sr = [], None
+            for d in DIGITS:
+                wave, sr = sf.read(f"{tmp}/{s['k']}_{d}.wav", dtype="float32")
+                words.append(_trim_below_peak(wave, int(0.01 * sr), top_db=40.0))
+            for d, clip in zip(DIGITS, _postprocess(words, sr, np.random.default_rng(s["seed"]))):
+                yield d, f"festival-{s['voice']}", s["k"], clip, sr
 
 
 def _split_on_silence(wave: np.ndarray, min_gap: int) -> list[np.ndarray]:
@@ -395,6 +507,18 @@ def _split_on_silence(wave: np.ndarray, min_gap: int) -> list[np.ndarray]:
     gaps = runs[(runs[:, 1] - runs[:, 0]) >= min_gap]
     bounds = np.r_[0, gaps.ravel(), len(wave)].reshape(-1, 2)
     return [_trim(wave[a:b]) for a, b in bounds if b - a > 0 and np.abs(wave[a:b]).max() >= 1e-4]
+
+
+def _trim_below_peak(wave: np.ndarray, frame: int, top_db: float) -> np.ndarray:
+    """Drop leading / trailing ``frame``-sample frames whose RMS is ``top_db`` below the loudest frame's.
+
+    The rule of ``librosa.effects.trim`` on non-overlapping frames, in NumPy: librosa's first call costs
+    tens of seconds of numba compilation on a busy CPU, for a few milliseconds of work.
+    """
+    n = max(1, len(wave) // frame)
+    rms = np.sqrt(np.mean(wave[: n * frame].reshape(n, -1) ** 2, axis=1))
+    loud = np.flatnonzero(rms >= rms.max() * 10 ** (-top_db / 20))
+    return wave[loud[0] * frame : (loud[-1] + 1) * frame]
 
 
 def _trim(wave: np.ndarray) -> np.ndarray:

@@ -40,3 +40,25 @@ def test_mixer_benchmark_swaps_only_the_mixer():
                          if ".blocks." not in k and ".shared." not in k))
     assert len(frames) == 1
     assert rows["dilated_reparam"]["deploy_params_M"] < rows["dilated_reparam"]["params_M"]
+
+
+def test_recipes_table_smoke(tmp_path):
+    """``bench recipes`` on tiny settings: a row per modality with its baselines, written as markdown."""
+    from uniperc.bench.recipes import main
+
+    out = tmp_path / "results.md"
+    rows = main(["--only", "image,weather", "--config", "configs/tiny.yaml", "--runs", str(tmp_path / "runs"),
+                 "--output", str(out), "--set", "train.max_steps=2"])
+    assert [r["modality"] for r in rows] == ["image", "weather"]
+    assert rows[0]["baselines"].keys() == {"chance", "majority"} and rows[0]["classes"] == 10
+    assert rows[1]["baselines"].keys() == {"persistence", "climatology"} and rows[1]["metric"] == "test mse"
+    assert (tmp_path / "runs" / "image" / "metrics.json").exists() and (tmp_path / "runs" / "weather").is_dir()
+    text = out.read_text()
+    assert "| image | image | classification |" in text and "persistence" in text
+
+
+def test_recipes_rejects_unknown_names():
+    from uniperc.bench.recipes import parse_args
+
+    with pytest.raises(ValueError, match="unknown recipe.*'imgae'"):
+        parse_args(["--only", "imgae"])

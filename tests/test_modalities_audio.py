@@ -142,3 +142,59 @@ def test_hub_mapping_drops_silence_and_keeps_35_words():
     out = m.from_hub(fake, spec, m.config())
     assert out.column_names == ["audio", "label", "speaker"] and len(out) == 2
     assert [out.features["label"].int2str(y) for y in out["label"]] == ["zero", "backward"]
+
+
+needs_festival = pytest.mark.skipif(shutil.which("festival") is None or shutil.which("espeak-ng") is None,
+                                    reason="festival or espeak-ng not installed")
+
+
+@needs_festival
+def test_festival_split_is_deterministic_and_never_in_training(tmp_path):
+    a = m.make_demo(tmp_path / "a", seed=0, n_per_class=3, festival_per_class=3)
+    b = m.make_demo(tmp_path / "b", seed=0, n_per_class=3, festival_per_class=3)
+    listed = (a / "test_festival_list.txt").read_text().split()
+    assert len(listed) == 30 and listed == (b / "test_festival_list.txt").read_text().split()
+    assert all(np.array_equal(sf.read(a / f)[0], sf.read(b / f)[0]) for f in listed)
+    dsd = m.load("folder", path=a, cfg=m.demo_config())
+    assert set(dsd) == {"train", "validation", "test", "test_festival"}
+    raw = {k: v.with_format(None) for k, v in dsd.items()}
+    paths = {k: {p["path"].split("/digits/")[-1].split(str(a) + "/")[-1] for p in v["audio"]} for k, v in raw.items()}
+    assert paths["test_festival"] == set(listed)
+    speakers = {k: set(v["speaker"]) for k, v in raw.items()}
+    assert all(s.startswith("festival-") for s in speakers["test_festival"])
+    assert not any(s.startswith("festival-") for k in ("train", "validation", "test") for s in speakers[k])
+    x = dsd["test_festival"][0]["inputs"]
+    assert x.shape == (1, 128, 80) and torch.isfinite(x).all()
+
+
+def test_extra_list_files_are_never_trained_on(tmp_path):
+    for label in ("yes", "no"):
+        (tmp_path / label).mkdir()
+        for spk in range(24):
+            sf.write(tmp_path / label / f"spk{spk}_nohash_0.wav", tone(300, 16000, 0.1), 16000)
+    (tmp_path / "test_other_list.txt").write_text("yes/spk0_nohash_0.wav\nno/spk1_nohash_0.wav\n")
+    dsd = m.load("folder", path=tmp_path, cfg={"target_frames": 20})
+    assert len(dsd["test_other"]) == 2
+    train = {p["path"].rsplit("/", 2)[-2] + "/" + p["path"].rsplit("/", 1)[-1] for p in dsd["train"].with_format(None)["audio"]}
+    assert not train & {"yes/spk0_nohash_0.wav", "no/spk1_nohash_0.wav"}
+
+
+def test_missing_festival_is_a_clear_value_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/espeak-ng" if name == "espeak-ng" else None)
+    with pytest.raises(ValueError, match="festival.*apt-get install -y festival festvox-kallpc16k"):
+        m.make_demo(tmp_path, n_per_class=1, festival_per_class=1)
+
+
+def test_voice_augmentation_only_in_training_and_validated():
+    cfg = m.config(target_frames=40, n_mels=32, vtln_warp=0.1, eq_db=10.0, tempo=0.2, freq_mask=0, time_mask=0,
+                   time_shift=False)
+    raw = {"audio": {"array": tone(800, 16000, 0.3), "sampling_rate": 16000}}
+    plain = m.to_input(raw, m.config(cfg, vtln_warp=0.0, eq_db=0.0, tempo=0.0), True)
+    assert torch.equal(m.to_input(raw, cfg, False), m.to_input(raw, cfg, False))  # evaluation: no augmentation
+    torch.manual_seed(0)
+    a, b = m.to_input(raw, cfg, True), m.to_input(raw, cfg, True)
+    assert a.shape == plain.shape == (1, 32, 40) and not torch.equal(a, b) and not torch.equal(a, plain)
+    with pytest.raises(ValueError, match="vtln_warp"):
+        m.config(vtln_warp=0.7)
+    with pytest.raises(ValueError, match="tempo"):
+        m.config(tempo=-0.1)

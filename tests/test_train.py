@@ -200,3 +200,24 @@ def test_head_choice_follows_the_task_and_names_the_key():
         _head_choice("weather", "dense", None, None, [3, 7])
     with pytest.raises(ValueError, match=r"modalities\.weather\.residual"):
         _head_choice("weather", "pooled", True, (2, 8, 16), [3, 7])
+
+
+def test_extra_evaluation_split_is_scored_with_baselines_after_training(tmp_path):
+    """A ``test_<name>`` split (audio's test_festival, here a folder's test_other_list.txt) is evaluated and
+    reported with its baselines, and the summary names each task's kind and classes."""
+    import numpy as np
+    import soundfile as sf
+
+    data = tmp_path / "clips"
+    for y, label in enumerate(("high", "low")):
+        (data / label).mkdir(parents=True)
+        for spk in range(24):
+            t = np.arange(1600) / 16000
+            sf.write(data / label / f"s{spk}_nohash_0.wav", np.sin(2 * np.pi * (300 + 900 * y) * t), 16000)
+    (data / "test_other_list.txt").write_text("high/s0_nohash_0.wav\nlow/s1_nohash_0.wav\nlow/s2_nohash_0.wav\n")
+    result = run(tiny(["audio"], tmp_path / "run", "modalities.audio.source=folder", f"modalities.audio.path={data}"))
+    assert list(result["metrics"]) == ["validation", "test", "test_other"]
+    assert set(result["baselines"]["test_other"]["audio"]) == {"chance", "majority"}
+    assert result["tasks"] == {"audio": {"task": "classification", "num_outputs": 2}}
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert math.isfinite(saved["metrics"]["test_other"]["audio"]["top1"])

@@ -7,6 +7,12 @@ import torch
 from torch.utils.data import DataLoader
 
 
+def extra_test_splits(splits) -> list[str]:
+    """The extra evaluation splits (``test_<name>``, e.g. audio's ``test_festival``) beyond train/validation/test:
+    evaluated after training and by ``uniperc.evaluate --split``, never trained on."""
+    return [s for s in splits if s.startswith("test_")]
+
+
 @dataclass
 class TaskData:
     """One modality's data and what the model needs to know about it."""
@@ -18,7 +24,7 @@ class TaskData:
     num_outputs: int
     output_names: list[str]
     adapter_config: dict           # fitted config (with data statistics): saved with checkpoints for prediction
-    splits: dict = field(repr=False)  # train / validation / test datasets (transforms attached)
+    splits: dict = field(repr=False)  # train / validation / test (+ extra test_<name>) datasets, transforms attached
     head: str = "pooled"           # pooled | dense (uniperc.heads)
     target_shape: tuple[int, int, int] | None = None  # (C, H, W) of a field target
     residual_channels: list[int] | None = None  # dense head: input channel added to each target channel
@@ -41,7 +47,7 @@ def load_task(name: str, source: str, config: dict | None, path=None, demo: dict
     head, residual = _head_choice(name, head, residual, field_shape, m.persistence_channels(fitted))
     return TaskData(name=name, task=task, in_chans=m.in_chans(fitted), input_size=tuple(m.input_size(fitted)),
                     num_outputs=m.num_outputs(dsd), output_names=m.label_names(dsd), adapter_config=fitted,
-                    splits={s: dsd[s] for s in ("train", "validation", "test")}, head=head,
+                    splits=dict(dsd), head=head,
                     target_shape=field_shape, residual_channels=residual)
 
 

@@ -1,6 +1,8 @@
 """Evaluate a trained model: ``python -m uniperc.evaluate --checkpoint DIR [--source folder --path P]``.
 
-For each of the model's modalities (or ``--modality``) it loads the split (default ``test``; the data source
+For each of the model's modalities (or ``--modality``) it loads the split (default ``test``; or an extra
+evaluation split the data has, e.g. the audio demo's ``test_festival``: a synthesiser never heard in training;
+the data source
 of the training config unless ``--source``/``--path`` say otherwise) with the adapter config saved at training
 time, prints the metrics, and writes ``eval_<modality>_<split>.json`` plus, for classification, a
 confusion-matrix PNG into ``--output`` (default: the checkpoint directory). The trivial baselines
@@ -53,8 +55,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
     from .predict import load_any
     from .scoring import evaluate
 
-    if split not in ("train", "validation", "test"):
-        raise ValueError(f"split must be train, validation or test, got {split!r}")
+    if split not in ("train", "validation", "test") and not split.startswith("test_"):
+        raise ValueError(f"split must be train, validation, test or an extra test_<name> split, got {split!r}")
     if source == "folder" and not path:
         raise ValueError("--source folder needs --path")
     model, meta = load_any(checkpoint)
@@ -74,6 +76,10 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
                                                                    trained_on.get("path"))
         data = load_task(name, src, spec["adapter_config"], src_path, trained_on.get("demo"),
                          seed=train_cfg.get("seed", 0))
+        if split not in data.splits:
+            raise ValueError(f"--split {split!r}: the {name} {src} data has only the splits {list(data.splits)} "
+                             "(an extra split such as audio's test_festival is written when the demo config asks "
+                             "for it: modalities.audio.demo.festival_per_class)")
         loader = accelerator.prepare(make_loader(data.splits[split], batch_size, False, 0, 0))
         head = base.heads[name]
         metrics, outputs, labels = evaluate(accelerator, model, head, loader, name)
@@ -99,7 +105,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a trained uniperc model on a data split.")
     parser.add_argument("--checkpoint", required=True, help="export dir, run output_dir or checkpoints/step_N dir")
-    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    parser.add_argument("--split", default="test",
+                        help="train, validation, test (default) or an extra split of the data, e.g. test_festival")
     parser.add_argument("--source", choices=("demo", "folder", "hub"), help="data source (default: as in training)")
     parser.add_argument("--path", help="folder of real files for --source folder")
     parser.add_argument("--modality", help="evaluate only this modality of the model")

@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("backbone", "mixers", "dwconv", "data")
+BENCHMARKS = ("backbone", "mixers", "dwconv", "data", "recipes")
 
 
 def main(argv=None):
@@ -13,4 +13,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # bad options or config: a clear message, no traceback
+        sys.exit(f"error: {e}")

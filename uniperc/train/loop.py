@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from .. import runs
-from ..data import TaskData, load_task, make_loader
+from ..data import TaskData, extra_test_splits, load_task, make_loader
 from ..heads import PRIMARY_METRIC
 from ..scoring import evaluate
 from . import checkpoint as ckpt
@@ -200,13 +200,17 @@ def setup(cfg: dict, resume: bool | str = False, force: bool = False) -> Session
     for name, d in tasks.items():
         accelerator.print(f"{name}: {d.task}, {d.num_outputs} outputs, input {d.in_chans}x{d.input_size[0]}x"
                           f"{d.input_size[1]}, {len(d.splits['train'])}/{len(d.splits['validation'])}/"
-                          f"{len(d.splits['test'])} train/val/test samples")
+                          f"{len(d.splits['test'])} train/val/test samples"
+                          + "".join(f", {len(d.splits[s])} {s}" for s in extra_test_splits(d.splits)))
     names = list(tasks)
     train_sets = {n: SeededAugment(d.splits["train"], cfg["seed"]) for n, d in tasks.items()}
     loaders = [make_loader(train_sets[n], cfg["modalities"][n]["batch_size"], True, cfg["seed"], t["num_workers"])
                for n in names]
+    # validation, test, then any extra evaluation split a modality's data has (e.g. audio's test_festival)
+    eval_keys = [(split, n) for split in ("validation", "test") for n in names]
+    eval_keys += [(split, n) for n in names for split in extra_test_splits(tasks[n].splits)]
     loaders += [make_loader(tasks[n].splits[split], _eval_bs(cfg["modalities"][n]), False, cfg["seed"],
-                            t["num_workers"]) for split in ("validation", "test") for n in names]
+                            t["num_workers"]) for split, n in eval_keys]
 
     set_seed(cfg["seed"])
     model = build_model(cfg, tasks)
@@ -217,7 +221,9 @@ def setup(cfg: dict, resume: bool | str = False, force: bool = False) -> Session
     optimizer, *loaders = accelerator.prepare(optimizer, *loaders)
     k = len(names)
     train_loaders = dict(zip(names, loaders[:k]))
-    eval_loaders = {"validation": dict(zip(names, loaders[k:2 * k])), "test": dict(zip(names, loaders[2 * k:]))}
+    eval_loaders = {}
+    for (split, n), loader in zip(eval_keys, loaders[k:]):
+        eval_loaders.setdefault(split, {})[n] = loader
     lengths = {n: len(dl) for n, dl in train_loaders.items()}
     for n, count in lengths.items():
         if count == 0:
@@ -430,10 +436,11 @@ def _check_replicas(s: Session) -> None:
 
 # ------------------------------------------------------------------------------------------------ evaluate, export
 def final_evaluation(s: Session) -> dict:
-    """Metrics of every modality on the validation and test splits (the EMA weights when EMA is on)."""
+    """Metrics of every modality on the validation and test splits, and on the extra evaluation splits of those
+    that have them (the EMA weights when EMA is on)."""
     heads = s.unwrapped.heads
-    results = {split: {n: evaluate(s.accelerator, s.eval_model, heads[n], s.eval_loaders[split][n], n)[0]
-                       for n in s.names} for split in ("validation", "test")}
+    results = {split: {n: evaluate(s.accelerator, s.eval_model, heads[n], loader, n)[0]
+                       for n, loader in loaders.items()} for split, loaders in s.eval_loaders.items()}
     s.accelerator.log({f"{split}/{n}/{k}": v for split, r in results.items() for n, m in r.items()
                        for k, v in m.items()}, step=s.state["global_step"])
     return results
@@ -485,9 +492,12 @@ def export_and_summarise(s: Session, results: dict) -> dict:
 
     acc, state, out_dir = s.accelerator, s.state, s.out_dir
     elapsed = s.elapsed_before + time.time() - s.t_start
-    per_task = {n: compute_baselines(s.tasks[n], results) for n in s.names}
-    baselines = {split: {n: per_task[n][split] for n in s.names} for split in results}
-    summary = {"output_dir": str(out_dir), "metrics": results, "baselines": baselines, "history": state["history"],
+    per_task = {n: compute_baselines(s.tasks[n], [split for split in results if n in results[split]])
+                for n in s.names}
+    baselines = {split: {n: per_task[n][split] for n in r} for split, r in results.items()}
+    tasks = {n: {"task": d.task, "num_outputs": d.num_outputs} for n, d in s.tasks.items()}
+    summary = {"output_dir": str(out_dir), "tasks": tasks, "metrics": results, "baselines": baselines,
+               "history": state["history"],
                "steps": state["global_step"], "epochs_completed": state["epoch"], "train_seconds": elapsed,
                "checkpoint": str(runs.latest(out_dir)), "export_dir": str(out_dir / runs.EXPORT_DIR),
                "num_processes": acc.num_processes,
@@ -506,8 +516,9 @@ def export_and_summarise(s: Session, results: dict) -> dict:
         f"test {n} {_primary(s, n)}={results['test'][n][_primary(s, n)]:.4g}"
         + ("%" if s.tasks[n].task != "regression" else "") for n in s.names)
         + f" ({state['global_step']} steps, {elapsed:.0f} s training; model exported to {out_dir / runs.EXPORT_DIR})")
-    for n in s.names:
-        acc.print(describe(n, "test", results["test"][n], baselines["test"][n]))
+    for split in ["test"] + [sp for sp in results if sp not in ("validation", "test")]:
+        for n in results[split]:
+            acc.print(describe(n, split, results[split][n], baselines[split][n]))
     for line in not_learning_warnings(s.tasks, results["test"], baselines["test"]):
         acc.print(line)
     return summary
