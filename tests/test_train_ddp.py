@@ -1,6 +1,6 @@
 """2-process CPU DDP (gloo) gives what the math says: the same step as 1 process on the concatenated batch.
 
-What is compared: with the RFA mixer (LayerNorm only; no BatchNorm, whose batch statistics are per process
+What is compared: with UniConvNet's whole RFA block (``block=rfa``: LayerNorm only; no BatchNorm, whose batch statistics are per process
 under DDP and would legitimately differ from a 2x-batch run), no drop path and per-sample seeded augmentation,
 two processes with batch 4 each see exactly the samples one process sees with batch 8, and DDP's gradient
 average equals the gradient of the 8-sample mean loss. So after two AdamW steps the weights must agree up to
@@ -23,7 +23,7 @@ from uniperc.train.config import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-COMMON = ["model.mixer=rfa", "train.max_steps=2", "train.warmup_steps=0", "train.trackers=[]",
+COMMON = ["model.kwargs.block=rfa", "train.max_steps=2", "train.warmup_steps=0", "train.trackers=[]",
           "train.checkpoint_every=100", "train.cpu=true"]
 
 
