@@ -7,6 +7,7 @@ from .backbone import UniPercNet
 from .convert import convert_checkpoint, load_converted
 from .reparam import reparameterize
 from .export import load
+from .onnx_export import export_onnx
 
 __version__ = "0.1.0"
-__all__ = ["UniPercNet", "convert_checkpoint", "load_converted", "reparameterize", "load"]
+__all__ = ["UniPercNet", "convert_checkpoint", "load_converted", "reparameterize", "load", "export_onnx"]

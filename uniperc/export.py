@@ -110,12 +110,53 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a trained uniperc model (deploy form) to safetensors.")
     parser.add_argument("--checkpoint", required=True, help="run output dir, checkpoint dir or export dir")
     parser.add_argument("--output", required=True, help="export directory to write")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write <modality>.onnx (dynamic batch) and <modality>.json (its task and "
+                             "adapter config) per modality")
     args = parser.parse_args(argv)
     from .predict import load_any
 
     model, meta = load_any(args.checkpoint)
+    if args.onnx:
+        _check_onnx_available()
     out = export(model, args.output, extra={k: v for k, v in meta.items() if k not in _OWN_KEYS})
     print(f"exported {', '.join(model.modalities)} model to {out}")
+    if args.onnx:
+        for path in export_onnx_modalities(model, out):
+            print(f"wrote {path}")
+
+
+ONNX_SPEC_FORMAT = "uniperc.onnx_modality"
+
+
+def _check_onnx_available() -> None:
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--onnx needs the onnx extra (pip install 'uniperc[onnx]'): {e}") from None
+
+
+def export_onnx_modalities(model: MultiModalNet, directory: str | Path) -> list[Path]:
+    """Per modality ``<modality>.onnx`` (input ``B x C' x H x W`` at the trained size, dynamic batch) and
+    ``<modality>.json`` (task, output names, input channels and size, fitted adapter config) in ``directory``."""
+    from .onnx_export import export_onnx
+
+    directory = Path(directory)
+    written = []
+    model = model.eval()
+    for name in model.modalities:
+        spec = model.tasks[name]
+        if "input_size" not in spec:
+            raise ValueError(f"modality {name!r} has no input_size in its config; cannot build an example input")
+        example = torch.zeros(2, int(spec["in_chans"]), *map(int, spec["input_size"]))
+        onnx_path = export_onnx(model, directory / f"{name}.onnx", example, dynamic_batch=True, modality=name)
+        side = {"format": ONNX_SPEC_FORMAT, "version": 1, "modality": name, "onnx": onnx_path.name,
+                "input_name": "input", "output_name": "output",
+                "input_shape": ["batch", int(spec["in_chans"]), *map(int, spec["input_size"])],
+                "backbone": model.backbone_name, **spec}
+        (directory / f"{name}.json").write_text(json.dumps(side, indent=1, default=list))
+        written += [onnx_path, directory / f"{name}.json"]
+    return written
 
 
 _OWN_KEYS = {"format", "version", "deploy", "backbone", "backbone_kwargs", "tasks", "timm"}
