@@ -73,6 +73,7 @@ def test_bad_input_is_refused_before_writing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules after import of package:RuntimeWarning")
 def test_trained_run_exports_one_onnx_per_modality(tmp_path, monkeypatch):
     from uniperc.predict import load_any
     from uniperc.train import compose, run
