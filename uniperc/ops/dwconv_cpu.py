@@ -1,0 +1,127 @@
+"""CPU implementation of ``uniperc::dwconv2d`` and ``uniperc::dwconv2d_weight_grad``.
+
+PyTorch's own CPU depthwise kernels are exact but pick the wrong algorithm for large kernels: the
+NCHW forward is 20-45x slower than channels_last at K >= 15, and the weight gradient (a reduction of
+``x * dy`` over batch and pixels for each of the K*K taps) is 25-70x slower than the forward. Each
+function below picks, from the kernel size and dilation alone, the exact algorithm that was fastest
+in single-threaded measurements (``python -m uniperc.bench dwconv_cpu``; table in docs/dwconv.md):
+
+* forward and input gradient (a forward with the flipped kernel): aten in NCHW for K <= 13,
+  aten in channels_last for K >= 15 (:func:`forward_layout`);
+* weight gradient (:func:`weight_grad_path`): ``"aten"`` (aten's channels_last kernel) for
+  K <= 3, ``"batch"`` (batch-as-channels: one depthwise conv of x with dy as the kernel) for 5 <= K <= 13,
+  ``"fft"`` (correlation in the frequency domain, summed over the batch there) for K >= 15.
+
+bf16 / fp16 are computed in fp32 and rounded once at the end (the FFT never runs in low precision);
+fp64 stays fp64. All paths agree with ``F.conv2d`` and its autograd to ~1e-6 relative in fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Forward / input-grad in channels_last from this K on (below it NCHW is as fast or faster).
+FWD_CHANNELS_LAST_MIN_K = 15
+#: Weight-gradient crossovers: batch-as-channels from this K, FFT from the next.
+WGRAD_BATCH_MIN_K = 5
+WGRAD_FFT_MIN_K = 15
+WGRAD_PATHS = ("aten", "batch", "fft")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def forward_layout(k: int) -> torch.memory_format:
+    """Layout aten's depthwise forward runs fastest in: its channels_last (oneDNN) kernel wins 20-45x
+    at K >= 15 (K=51 on 8x64x56x51: 89 vs 4074 ms); for K <= 13 NCHW is as fast."""
+    return torch.channels_last if k >= FWD_CHANNELS_LAST_MIN_K else torch.contiguous_format
+
+
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) -> Tensor:
+    """``conv(x, weight) + bias`` ('same' padding), in the accumulation dtype, in any layout."""
+    k, acc = weight.shape[-1], _acc(x.dtype)
+    xc = x.to(acc).contiguous(memory_format=forward_layout(k))
+    return F.conv2d(xc, weight.to(acc), None if bias is None else bias.to(acc),
+                    padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
+
+
+def weight_grad_path(k: int, dilation: int) -> str:
+    """Fastest exact weight-gradient algorithm for kernel size ``k``:
+
+    * ``"aten"`` for K <= 3: too few taps for the other two to pay for their extra copies;
+    * ``"batch"`` for 5 <= K <= 13: aten's channels_last weight gradient is 5-20x slower than a
+      forward, whereas a forward-style depthwise conv of x with dy as the kernel does the same
+      reduction (K=13 on 32x80x32x32: ~30 vs 126 ms channels_last / 792 ms NCHW);
+    * ``"fft"`` for K >= 15: the reduction costs O(K^2) per pixel directly but O(log HW) in the
+      frequency domain (K=25 on 32x80x32x32: 244 vs 3059 ms).
+    """
+    if k >= WGRAD_FFT_MIN_K:
+        return "fft"
+    return "batch" if k >= WGRAD_BATCH_MIN_K else "aten"
+
+
+def weight_grad(grad_out: Tensor, x: Tensor, k: int, dilation: int) -> Tensor:
+    """``w[c, 0, i, j] = sum_{b,y,x} x_pad[b, c, y + i*d, x + j*d] * dy[b, c, y, x]`` as a
+    ``(C, 1, K, K)`` tensor in the accumulation dtype (fp32, fp64 for fp64)."""
+    acc = _acc(x.dtype)
+    return _WGRAD[weight_grad_path(k, dilation)](grad_out.to(acc), x.to(acc), k, dilation).contiguous()
+
+
+def _wgrad_aten(dy: Tensor, x: Tensor, k: int, d: int) -> Tensor:
+    """aten's own depthwise weight gradient, in channels_last (its fast layout for small K)."""
+    cl = torch.channels_last
+    c = x.shape[1]
+    # aten's conv backward only reads the weight's shape when just the weight gradient is asked for
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        dy.contiguous(memory_format=cl), x.contiguous(memory_format=cl), x.new_empty(c, 1, k, k), None,
+        [1, 1], [d * (k // 2)] * 2, [d, d], False, [0, 0], c, [False, True, False])
+    return gw
+
+
+def _wgrad_batch(dy: Tensor, x: Tensor, k: int, d: int) -> Tensor:
+    """Batch-as-channels: x as ONE image of B*C channels (channels_last), dy as its (B*C, 1, H, W)
+    depthwise kernel. With padding p = d*(K//2) and stride d the conv's output (i, j) is
+    ``sum_{y,x} x_pad[y + i*d, x + j*d] * dy[y, x]`` for i, j < K: the per-sample weight gradient,
+    summed over the batch afterwards."""
+    b, c, h, w = x.shape
+    # (H, W, B*C) memory = channels_last (1, B*C, H, W): one copy from either input layout
+    xi = x.permute(2, 3, 0, 1).reshape(h, w, b * c).permute(2, 0, 1).unsqueeze(0)
+    g = F.conv2d(xi, dy.reshape(b * c, 1, h, w), padding=d * (k // 2), stride=d, groups=b * c)
+    return g.view(b, c, k, k).sum(0).unsqueeze(1)
+
+
+def fft_size(n: int) -> int:
+    """Smallest even 2^a 3^b 5^c >= n: MKL's FFT is 1.5-3x faster on those lengths than on primes
+    or odd lengths (measured 45 vs 48 on 32x80 planes)."""
+    m = n + n % 2
+    while True:
+        r = m
+        for f in (2, 3, 5):
+            while r % f == 0:
+                r //= f
+        if r == 1:
+            return m
+        m += 2
+
+
+def _wgrad_fft(dy: Tensor, x: Tensor, k: int, d: int) -> Tensor:
+    """Cross-correlation theorem: ``corr[s] = sum_y x[y + s] dy[y] = irfft(rfft(x) * conj(rfft(dy)))``
+    for shifts |s| <= p = d*(K//2), per channel, with the batch sum taken on the spectra. FFT length
+    >= H + p keeps the circular wrap inside x's zero padding, so the result is exact up to rounding."""
+    b, c, h, w = x.shape
+    p = d * (k // 2)
+    nh, nw = fft_size(h + p), fft_size(w + p)
+    # zero-pad explicitly: rfft2(x, s=...) pads internally but measured 1.5-3x slower
+    fx = torch.fft.rfft2(F.pad(x, (0, nw - w, 0, nh - h)))
+    fy = torch.fft.rfft2(F.pad(dy, (0, nw - w, 0, nh - h)))
+    corr = torch.fft.irfft2((fx * fy.conj()).sum(0), s=(nh, nw))
+    rows = torch.arange(-p, p + 1, d) % nh  # negative shifts sit at the end of the circular result
+    cols = torch.arange(-p, p + 1, d) % nw
+    return corr[:, rows[:, None], cols[None, :]].unsqueeze(1)
+
+
+_WGRAD = {"aten": _wgrad_aten, "batch": _wgrad_batch, "fft": _wgrad_fft}
