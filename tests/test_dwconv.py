@@ -498,3 +498,16 @@ def test_flop_counter_counts_the_custom_op_and_meta_shapes_work():
     assert counter.get_total_flops() == 3 * per_pass  # forward, input grad, weight grad
     with torch.device("meta"):
         assert dwconv2d(torch.empty(2, 4, 9, 11), torch.empty(4, 1, 7, 7)).shape == y.shape
+
+
+def test_cpu_bench_runs(capsys):
+    from uniperc.bench import dwconv_cpu as bench
+
+    rows = bench.main(["--shapes", "1x2x6x7x3,1x2x6x7x15x2", "--repeats", "1"])
+    assert [(r["K"], r["dilation"]) for r in rows] == [(3, 1), (15, 2)]
+    for r in rows:
+        assert r["speedup"] == pytest.approx(min(r["aten_nchw"], r["aten_cl"]) / r["ours"])
+        assert r["bwd_ratio"] == pytest.approx(r["ours"] / r["ours_fwd"])
+    assert "fwdbwd/fwd" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="odd K"):
+        bench.main(["--shapes", "1x2x6x7x4"])
