@@ -6,11 +6,12 @@ NCHW forward is 20-45x slower than channels_last at K >= 15, and the weight grad
 function below picks, from the kernel size and dilation alone, the exact algorithm that was fastest
 in single-threaded measurements (``python -m uniperc.bench dwconv_cpu``; table in docs/dwconv.md):
 
-* forward and input gradient (a forward with the flipped kernel): aten in NCHW for K <= 13,
-  aten in channels_last for K >= 15 (:func:`forward_layout`);
-* weight gradient (:func:`weight_grad_path`): ``"aten"`` (aten's channels_last kernel) for
-  K <= 3, ``"batch"`` (batch-as-channels: one depthwise conv of x with dy as the kernel) for 5 <= K <= 13,
-  ``"fft"`` (correlation in the frequency domain, summed over the batch there) for K >= 15.
+* forward and input gradient (a forward with the flipped kernel): aten in channels_last, except
+  NCHW at K = 1 and at 11 <= K <= 13 with dilation 1 (:func:`forward_layout`);
+* weight gradient (:func:`weight_grad_path`): ``"fft"`` (correlation in the frequency domain, summed
+  over the batch there) for K >= 15 or padding >= 12, ``"aten"`` (aten's channels_last kernel) for
+  the other dilation >= 3 cases, ``"batch"`` (batch-as-channels: one depthwise conv of x with dy as
+  the kernel) otherwise.
 
 bf16 / fp16 are computed in fp32 and rounded once at the end (the FFT never runs in low precision);
 fp64 stays fp64. All paths agree with ``F.conv2d`` and its autograd to ~1e-6 relative in fp32.
@@ -23,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: Forward / input-grad in channels_last from this K on (below it NCHW is as fast or faster).
-FWD_CHANNELS_LAST_MIN_K = 15
-#: Weight-gradient crossovers: batch-as-channels from this K, FFT from the next.
-WGRAD_BATCH_MIN_K = 5
+#: Forward / input grad in NCHW only for K = 1 and for this range at dilation 1 (channels_last elsewhere).
+FWD_NCHW_K = range(11, 14)
+#: Weight gradient by FFT from this K on, or from this padding d*(K//2) on at any dilation.
 WGRAD_FFT_MIN_K = 15
+WGRAD_FFT_MIN_PAD = 12
 WGRAD_PATHS = ("aten", "batch", "fft")
 
 
@@ -35,33 +36,37 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def forward_layout(k: int) -> torch.memory_format:
-    """Layout aten's depthwise forward runs fastest in: its channels_last (oneDNN) kernel wins 20-45x
-    at K >= 15 (K=51 on 8x64x56x51: 89 vs 4074 ms); for K <= 13 NCHW is as fast."""
-    return torch.channels_last if k >= FWD_CHANNELS_LAST_MIN_K else torch.contiguous_format
+def forward_layout(k: int, dilation: int) -> torch.memory_format:
+    """Layout aten's depthwise forward runs fastest in. Its NCHW kernel is good only at dilation 1
+    for K = 1 (~2x faster than channels_last) and 11 <= K <= 13 (2-6x), and falls to a slow path at
+    K >= 15 (20-45x slower: K=51 on 8x64x56x51, 4074 vs 89 ms) and at dilation >= 2; channels_last
+    (oneDNN) wins everywhere else (K=3 on 8x40x56x56: 1.0 vs 12 ms)."""
+    nchw = k == 1 or (dilation == 1 and k in FWD_NCHW_K)
+    return torch.contiguous_format if nchw else torch.channels_last
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) -> Tensor:
     """``conv(x, weight) + bias`` ('same' padding), in the accumulation dtype, in any layout."""
     k, acc = weight.shape[-1], _acc(x.dtype)
-    xc = x.to(acc).contiguous(memory_format=forward_layout(k))
+    xc = x.to(acc).contiguous(memory_format=forward_layout(k, dilation))
     return F.conv2d(xc, weight.to(acc), None if bias is None else bias.to(acc),
                     padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
 
 
 def weight_grad_path(k: int, dilation: int) -> str:
-    """Fastest exact weight-gradient algorithm for kernel size ``k``:
+    """Fastest exact weight-gradient algorithm (measured on 8x80x28x28 unless said otherwise):
 
-    * ``"aten"`` for K <= 3: too few taps for the other two to pay for their extra copies;
-    * ``"batch"`` for 5 <= K <= 13: aten's channels_last weight gradient is 5-20x slower than a
-      forward, whereas a forward-style depthwise conv of x with dy as the kernel does the same
-      reduction (K=13 on 32x80x32x32: ~30 vs 126 ms channels_last / 792 ms NCHW);
-    * ``"fft"`` for K >= 15: the reduction costs O(K^2) per pixel directly but O(log HW) in the
-      frequency domain (K=25 on 32x80x32x32: 244 vs 3059 ms).
+    * ``"fft"`` for K >= 15 or a padding d*(K//2) >= 12: the reduction costs O(K^2) per pixel directly
+      but O(log HW) in the frequency domain (K=25 on 32x80x32x32: 280 ms vs 2287 batch-as-channels
+      and 4389 aten; K=13 d=2: 19 vs 25 aten, 124 batch);
+    * ``"aten"`` (channels_last) for the remaining dilation >= 3 (K=7 d=3: 9 vs 21 fft, 41 batch);
+    * ``"batch"`` otherwise: aten's weight gradient is 5-20x slower than its forward, whereas a
+      forward-style depthwise conv of x with dy as the kernel does the same reduction (K=13 on
+      32x80x32x32: 83 vs 550 ms aten channels_last, 370 FFT; K=3: 2.0 vs 2.4 aten).
     """
-    if k >= WGRAD_FFT_MIN_K:
+    if k >= WGRAD_FFT_MIN_K or dilation * (k // 2) >= WGRAD_FFT_MIN_PAD:
         return "fft"
-    return "batch" if k >= WGRAD_BATCH_MIN_K else "aten"
+    return "aten" if dilation >= 3 else "batch"
 
 
 def weight_grad(grad_out: Tensor, x: Tensor, k: int, dilation: int) -> Tensor:
