@@ -10,7 +10,7 @@ in single-threaded measurements (``python -m uniperc.bench dwconv_cpu``; table i
   NCHW at K = 1 and at 11 <= K <= 13 with dilation 1 (:func:`forward_layout`);
 * weight gradient (:func:`weight_grad_path`): ``"fft"`` (correlation in the frequency domain, summed
   over the batch there) for K >= 15 or padding >= 12, ``"aten"`` (aten's channels_last kernel) for
-  the other dilation >= 3 cases, ``"batch"`` (batch-as-channels: one depthwise conv of x with dy as
+  K = 3 and the other dilation >= 3 cases, ``"batch"`` (batch-as-channels: one depthwise conv of x with dy as
   the kernel) otherwise.
 
 bf16 / fp16 are computed in fp32 and rounded once at the end (the FFT never runs in low precision);
@@ -59,14 +59,15 @@ def weight_grad_path(k: int, dilation: int) -> str:
     * ``"fft"`` for K >= 15 or a padding d*(K//2) >= 12: the reduction costs O(K^2) per pixel directly
       but O(log HW) in the frequency domain (K=25 on 32x80x32x32: 280 ms vs 2287 batch-as-channels
       and 4389 aten; K=13 d=2: 19 vs 25 aten, 124 batch);
-    * ``"aten"`` (channels_last) for the remaining dilation >= 3 (K=7 d=3: 9 vs 21 fft, 41 batch);
+    * ``"aten"`` (channels_last) for K = 3 (its kernel is fast there: 0.8 ms vs 2.0 batch on
+      8x40x56x56, channels_last input) and for the remaining dilation >= 3 (K=7 d=3: 9 vs 21 fft, 41 batch);
     * ``"batch"`` otherwise: aten's weight gradient is 5-20x slower than its forward, whereas a
       forward-style depthwise conv of x with dy as the kernel does the same reduction (K=13 on
-      32x80x32x32: 83 vs 550 ms aten channels_last, 370 FFT; K=3: 2.0 vs 2.4 aten).
+      32x80x32x32: 83 vs 550 ms aten channels_last, 370 FFT; K=1: 2.4 vs 7.8 aten channels_last).
     """
     if k >= WGRAD_FFT_MIN_K or dilation * (k // 2) >= WGRAD_FFT_MIN_PAD:
         return "fft"
-    return "aten" if dilation >= 3 else "batch"
+    return "aten" if k == 3 or dilation >= 3 else "batch"
 
 
 def weight_grad(grad_out: Tensor, x: Tensor, k: int, dilation: int) -> Tensor:
