@@ -135,8 +135,12 @@ def _dwconv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optio
         y = y * scale.view(1, -1, 1, 1)
     if shift is not None:
         y = y + shift.view(1, -1, 1, 1)
-    out = _empty_output(x)  # uninitialised; only written if y has other strides or dtype
-    return y if y.stride() == out.stride() and y.dtype == out.dtype else out.copy_(y)
+    # the promised strides, read off a meta tensor: an unused real allocation here costs page faults
+    # (8x40x56x56, K=3 on CPU: 4.4 vs 1.2 ms per call)
+    promised = torch.empty_like(x, memory_format=_memory_format(x), device="meta")
+    if y.dtype == x.dtype and y.stride() == promised.stride():
+        return y
+    return _empty_output(x).copy_(y)
 
 
 @_dwconv2d_op.register_fake
