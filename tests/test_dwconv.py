@@ -424,7 +424,7 @@ def test_cpu_weight_grad_paths_gradcheck_fp64(path, monkeypatch):
     monkeypatch.setattr(dwc, "weight_grad_path", lambda k, d: path)
     g = torch.Generator().manual_seed(1)
     for k, d, cl in ((3, 1, False), (5, 2, True), (15, 1, False)):
-        monkeypatch.setattr(dwc, "forward_layout", lambda k, d, cl=cl: torch.channels_last if cl else torch.contiguous_format)
+        monkeypatch.setattr(dwc, "forward_layout", lambda k, d, given, cl=cl: torch.channels_last if cl else torch.contiguous_format)
         x = torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -444,7 +444,7 @@ def test_cpu_op_matches_conv2d_autograd(force, monkeypatch):
         monkeypatch.setattr(dwc, "weight_grad_path", lambda k, d: force)
     elif force != "dispatch":
         fmt = torch.channels_last if force == "fwd-channels_last" else torch.contiguous_format
-        monkeypatch.setattr(dwc, "forward_layout", lambda k, d, fmt=fmt: fmt)
+        monkeypatch.setattr(dwc, "forward_layout", lambda k, d, given, fmt=fmt: fmt)
     g = torch.Generator().manual_seed(2)
     for k in CPU_KERNELS:
         for d in (1, 2, 3):
@@ -473,8 +473,9 @@ def test_cpu_dispatch_rule_and_bf16():
     assert [dwc.weight_grad_path(k, d) for k, d in ((3, 3), (7, 3), (7, 2), (13, 2), (9, 3))] == [
         "aten", "aten", "batch", "fft", "fft"]
     nchw, cl = torch.contiguous_format, torch.channels_last
-    assert [dwc.forward_layout(k, 1) for k in CPU_KERNELS] == [nchw, cl, cl, cl, nchw, cl, cl]
-    assert dwc.forward_layout(13, 2) == cl and dwc.forward_layout(1, 3) == nchw
+    assert [dwc.forward_layout(k, 1, nchw) for k in CPU_KERNELS] == [nchw] * 5 + [cl] * 2
+    assert [dwc.forward_layout(k, 1, cl) for k in CPU_KERNELS] == [cl] * 4 + [nchw] + [cl] * 2
+    assert dwc.forward_layout(7, 2, nchw) == cl and dwc.forward_layout(5, 2, nchw) == nchw
     assert [dwc.fft_size(n) for n in (1, 7, 44, 45, 49, 81)] == [2, 8, 48, 48, 50, 90]
     set_backend("torch")
     # bf16 runs in fp32 (FFT included) and is rounded once: within bf16 rounding of the fp64 reference

@@ -6,10 +6,11 @@ NCHW forward is 20-45x slower than channels_last at K >= 15, and the weight grad
 function below picks, from the kernel size and dilation alone, the exact algorithm that was fastest
 in single-threaded measurements (``python -m uniperc.bench dwconv_cpu``; table in docs/dwconv.md):
 
-* forward and input gradient (a forward with the flipped kernel): aten in channels_last, except
-  NCHW at K = 1 and at 11 <= K <= 13 with dilation 1 (:func:`forward_layout`);
+* forward and input gradient (a forward with the flipped kernel): aten in channels_last for K >= 15
+  and dilated K >= 7, in NCHW for 11 <= K <= 13 at dilation 1, else in the input's layout
+  (:func:`forward_layout`);
 * weight gradient (:func:`weight_grad_path`): ``"fft"`` (correlation in the frequency domain, summed
-  over the batch there) for K >= 15 or padding >= 12, ``"aten"`` (aten's channels_last kernel) for
+  over the batch there) for K >= 15 or padding >= 12, ``"aten"`` (aten's kernel, in the input's layout) for
   K = 3 and the other dilation >= 3 cases, ``"batch"`` (batch-as-channels: one depthwise conv of x with dy as
   the kernel) otherwise.
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: Forward / input grad in NCHW only for K = 1 and for this range at dilation 1 (channels_last elsewhere).
+#: Forward / input grad in NCHW for this range of K at dilation 1 (see :func:`forward_layout`).
 FWD_NCHW_K = range(11, 14)
 #: Weight gradient by FFT from this K on, or from this padding d*(K//2) on at any dilation.
 WGRAD_FFT_MIN_K = 15
@@ -36,19 +37,24 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def forward_layout(k: int, dilation: int) -> torch.memory_format:
-    """Layout aten's depthwise forward runs fastest in. Its NCHW kernel is good only at dilation 1
-    for K = 1 (~2x faster than channels_last) and 11 <= K <= 13 (2-6x), and falls to a slow path at
-    K >= 15 (20-45x slower: K=51 on 8x64x56x51, 4074 vs 89 ms) and at dilation >= 2; channels_last
-    (oneDNN) wins everywhere else (K=3 on 8x40x56x56: 1.0 vs 12 ms)."""
-    nchw = k == 1 or (dilation == 1 and k in FWD_NCHW_K)
-    return torch.contiguous_format if nchw else torch.channels_last
+def forward_layout(k: int, dilation: int, given: torch.memory_format) -> torch.memory_format:
+    """Layout aten's depthwise forward runs fastest in, for an input in layout ``given``. Its NCHW
+    kernel falls to a slow path at K >= 15 (20-45x slower: K=51 on 8x64x56x51, 4074 vs 89 ms) and
+    at dilation >= 2 with K >= 7 (K=13 d=2: 128 vs 67 ms), and is 2-6x faster than channels_last for
+    11 <= K <= 13 at dilation 1. Elsewhere both are fast and a layout conversion (~2 ms each way on
+    8x40x56x56) costs more than it saves, so the input's own layout is kept."""
+    if k >= 15 or (dilation >= 2 and k >= 7):
+        return torch.channels_last
+    if dilation == 1 and k in FWD_NCHW_K:
+        return torch.contiguous_format
+    return given
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) -> Tensor:
     """``conv(x, weight) + bias`` ('same' padding), in the accumulation dtype, in any layout."""
     k, acc = weight.shape[-1], _acc(x.dtype)
-    xc = x.to(acc).contiguous(memory_format=forward_layout(k, dilation))
+    given = torch.channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
+    xc = x.to(acc).contiguous(memory_format=forward_layout(k, dilation, given))
     return F.conv2d(xc, weight.to(acc), None if bias is None else bias.to(acc),
                     padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
 
@@ -59,7 +65,7 @@ def weight_grad_path(k: int, dilation: int) -> str:
     * ``"fft"`` for K >= 15 or a padding d*(K//2) >= 12: the reduction costs O(K^2) per pixel directly
       but O(log HW) in the frequency domain (K=25 on 32x80x32x32: 280 ms vs 2287 batch-as-channels
       and 4389 aten; K=13 d=2: 19 vs 25 aten, 124 batch);
-    * ``"aten"`` (channels_last) for K = 3 (its kernel is fast there: 0.8 ms vs 2.0 batch on
+    * ``"aten"`` (in the input's layout, no conversion) for K = 3 (its kernel is fast there: 0.8 ms vs 2.0 batch on
       8x40x56x56, channels_last input) and for the remaining dilation >= 3 (K=7 d=3: 9 vs 21 fft, 41 batch);
     * ``"batch"`` otherwise: aten's weight gradient is 5-20x slower than its forward, whereas a
       forward-style depthwise conv of x with dy as the kernel does the same reduction (K=13 on
@@ -78,13 +84,12 @@ def weight_grad(grad_out: Tensor, x: Tensor, k: int, dilation: int) -> Tensor:
 
 
 def _wgrad_aten(dy: Tensor, x: Tensor, k: int, d: int) -> Tensor:
-    """aten's own depthwise weight gradient, in channels_last (its fast layout for small K)."""
-    cl = torch.channels_last
+    """aten's own depthwise weight gradient, in x's layout (``dy`` comes in the same one)."""
     c = x.shape[1]
     # aten's conv backward only reads the weight's shape when just the weight gradient is asked for
     _, gw, _ = torch.ops.aten.convolution_backward(
-        dy.contiguous(memory_format=cl), x.contiguous(memory_format=cl), x.new_empty(c, 1, k, k), None,
-        [1, 1], [d * (k // 2)] * 2, [d, d], False, [0, 0], c, [False, True, False])
+        dy, x, x.new_empty(c, 1, k, k), None, [1, 1], [d * (k // 2)] * 2, [d, d], False, [0, 0], c,
+        [False, True, False])
     return gw
 
 
