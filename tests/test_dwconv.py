@@ -422,6 +422,7 @@ def test_cpu_weight_grad_paths_gradcheck_fp64(path, monkeypatch):
     """gradcheck of the whole op (forward, input and weight gradients) with the path forced."""
     set_backend("torch")
     monkeypatch.setattr(dwc, "weight_grad_path", lambda k, d: path)
+    monkeypatch.setattr(dwc, "accelerated", lambda k, d: True)
     g = torch.Generator().manual_seed(1)
     for k, d, cl in ((3, 1, False), (5, 2, True), (15, 1, False)):
         monkeypatch.setattr(dwc, "forward_layout", lambda k, d, given, cl=cl: torch.channels_last if cl else torch.contiguous_format)
@@ -440,6 +441,8 @@ def test_cpu_op_matches_conv2d_autograd(force, monkeypatch):
     """The op end to end on CPU (dispatch, or one path forced): forward, input and weight gradients
     within 1e-5 of F.conv2d autograd in fp64; output in the caller's layout, weight grad in the weight's."""
     set_backend("torch")
+    if force != "dispatch":  # the forced algorithm runs on every shape, also where aten's path is kept
+        monkeypatch.setattr(dwc, "accelerated", lambda k, d: True)
     if force in dwc.WGRAD_PATHS:
         monkeypatch.setattr(dwc, "weight_grad_path", lambda k, d: force)
     elif force != "dispatch":
@@ -469,6 +472,9 @@ def test_cpu_op_matches_conv2d_autograd(force, monkeypatch):
 
 
 def test_cpu_dispatch_rule_and_bf16():
+    # aten's own path is kept where it is faster: K <= 3 and dilated K < 15
+    assert [dwc.accelerated(k, d) for k, d in ((1, 1), (3, 1), (3, 4), (5, 1), (5, 2), (7, 3), (13, 1), (15, 3))] == [
+        False, False, False, True, True, False, True, True]
     assert [dwc.weight_grad_path(k, 1) for k in CPU_KERNELS] == ["batch", "aten", "batch", "batch", "batch", "fft", "fft"]
     assert [dwc.weight_grad_path(k, d) for k, d in ((3, 3), (7, 3), (7, 2), (13, 2), (9, 3))] == [
         "aten", "aten", "batch", "fft", "fft"]

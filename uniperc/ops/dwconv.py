@@ -126,10 +126,10 @@ def _dwconv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optio
     """``(dwconv(x, weight) + bias) * scale + shift``; inputs already validated by :func:`dwconv2d`."""
     if _uses_triton(x):
         return _triton_kernels().forward(x, weight, bias, scale, shift, dilation, out=_empty_output(x))
-    if x.device.type == "cpu":  # computed in fp32 for bf16 / fp16, rounded once below
+    k = weight.shape[-1]
+    if x.device.type == "cpu" and dwconv_cpu.accelerated(k, dilation):  # fp32 for bf16 / fp16, rounded below
         y = dwconv_cpu.forward(x, weight, bias, dilation)
     else:
-        k = weight.shape[-1]
         y = F.conv2d(x, weight, bias, padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
     if scale is not None:
         y = y * scale.view(1, -1, 1, 1)
@@ -154,7 +154,7 @@ def _weight_grad_op(grad_out: Tensor, x: Tensor, kernel_size: int, dilation: int
     dtype (fp32, fp64 for fp64 inputs) so the affine gradients derived from it keep full precision."""
     if _uses_triton(x):
         return _triton_kernels().weight_grad(grad_out, x, kernel_size, dilation)
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and dwconv_cpu.accelerated(kernel_size, dilation):
         return dwconv_cpu.weight_grad(grad_out, x, kernel_size, dilation)
     c = x.shape[1]
     # aten's conv backward only reads the weight's shape when just the weight gradient is asked for
