@@ -385,6 +385,113 @@ def test_bench_rejects_even_kernel():
         bench.main(["--device", "cpu", "--kernels", "8"])
 
 
+
+# ---- CPU algorithms (uniperc.ops.dwconv_cpu): every path, forced and via dispatch ------------------
+
+from uniperc.ops import dwconv_cpu as dwc  # noqa: E402
+
+CPU_KERNELS = (1, 3, 5, 7, 13, 15, 31)
+
+
+def _aten_weight_grad(dy, x, k, d):
+    c = x.shape[1]
+    return torch.ops.aten.convolution_backward(dy, x, x.new_empty(c, 1, k, k), None, [1, 1], [d * (k // 2)] * 2,
+                                               [d, d], False, [0, 0], c, [False, True, False])[1]
+
+
+@pytest.mark.parametrize("path", dwc.WGRAD_PATHS)
+def test_cpu_weight_grad_paths_match_aten(path):
+    """Each weight-gradient algorithm, forced, on odd / non-square planes (also smaller than the
+    kernel), both layouts, K in CPU_KERNELS x dilation {1, 2, 3}: fp32 within 1e-5 of fp64 aten."""
+    g = torch.Generator().manual_seed(0)
+    for k in CPU_KERNELS:
+        for d in (1, 2, 3):
+            for (b, c, h, w), cl in (((2, 3, 9, 7), False), ((1, 2, 6, 11), True)):
+                x, dy = torch.randn(b, c, h, w, generator=g), torch.randn(b, c, h, w, generator=g)
+                if cl:
+                    x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+                want = _aten_weight_grad(dy.double(), x.double(), k, d)
+                got = dwc._WGRAD[path](dy, x, k, d)
+                assert got.shape == want.shape
+                err = ((got.double() - want).abs().max() / want.abs().max()).item()
+                assert err <= 1e-5, f"{path} K={k} d={d} {(b, c, h, w)} cl={cl}: {err:.3g}"
+
+
+@pytest.mark.parametrize("path", dwc.WGRAD_PATHS)
+def test_cpu_weight_grad_paths_gradcheck_fp64(path, monkeypatch):
+    """gradcheck of the whole op (forward, input and weight gradients) with the path forced."""
+    set_backend("torch")
+    monkeypatch.setattr(dwc, "weight_grad_path", lambda k, d: path)
+    monkeypatch.setattr(dwc, "accelerated", lambda k, d: True)
+    g = torch.Generator().manual_seed(1)
+    for k, d, cl in ((3, 1, False), (5, 2, True), (15, 1, False)):
+        monkeypatch.setattr(dwc, "forward_layout", lambda k, d, given, cl=cl: torch.channels_last if cl else torch.contiguous_format)
+        x = torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(2, 1, k, k, generator=g, dtype=torch.float64)
+        b = torch.randn(2, generator=g, dtype=torch.float64)
+        s = torch.rand(2, generator=g, dtype=torch.float64) + 0.5
+        args = [v.requires_grad_() for v in (x, w, b, s)]
+        assert torch.autograd.gradcheck(lambda x, w, b, s: dwconv2d(x, w, b, dilation=d, scale=s), args)
+
+
+@pytest.mark.parametrize("force", ["dispatch", "fwd-nchw", "fwd-channels_last", "aten", "batch", "fft"])
+def test_cpu_op_matches_conv2d_autograd(force, monkeypatch):
+    """The op end to end on CPU (dispatch, or one path forced): forward, input and weight gradients
+    within 1e-5 of F.conv2d autograd in fp64; output in the caller's layout, weight grad in the weight's."""
+    set_backend("torch")
+    if force != "dispatch":  # the forced algorithm runs on every shape, also where aten's path is kept
+        monkeypatch.setattr(dwc, "accelerated", lambda k, d: True)
+    if force in dwc.WGRAD_PATHS:
+        monkeypatch.setattr(dwc, "weight_grad_path", lambda k, d: force)
+    elif force != "dispatch":
+        fmt = torch.channels_last if force == "fwd-channels_last" else torch.contiguous_format
+        monkeypatch.setattr(dwc, "forward_layout", lambda k, d, given, fmt=fmt: fmt)
+    g = torch.Generator().manual_seed(2)
+    for k in CPU_KERNELS:
+        for d in (1, 2, 3):
+            cl = (k + d) % 2 == 0
+            x = torch.randn(2, 3, 7, 10, generator=g)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            w = torch.randn(3, 1, k, k, generator=g) / k
+            xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+            xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+            y = dwconv2d(xs, ws, dilation=d)
+            yr = F.conv2d(xr, wr, padding=d * (k // 2), dilation=d, groups=3)
+            gy = torch.randn(y.shape, generator=g)
+            y.backward(gy)
+            yr.backward(gy.double())
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            assert y.is_contiguous(memory_format=fmt) and xs.grad.is_contiguous(memory_format=fmt)
+            assert ws.grad.stride() == ws.stride()
+            for name, a, b in (("y", y, yr), ("dx", xs.grad, xr.grad), ("dw", ws.grad, wr.grad)):
+                err = ((a.double() - b).abs().max() / b.abs().max()).item()
+                assert err <= 1e-5, f"{force} K={k} d={d} {name}: {err:.3g}"
+
+
+def test_cpu_dispatch_rule_and_bf16():
+    # aten's own path is kept where it is faster: K <= 3 and dilated K < 15
+    assert [dwc.accelerated(k, d) for k, d in ((1, 1), (3, 1), (3, 4), (5, 1), (5, 2), (7, 3), (13, 1), (15, 3))] == [
+        False, False, False, True, True, False, True, True]
+    assert [dwc.weight_grad_path(k, 1) for k in CPU_KERNELS] == ["batch", "aten", "batch", "batch", "batch", "fft", "fft"]
+    assert [dwc.weight_grad_path(k, d) for k, d in ((3, 3), (7, 3), (7, 2), (13, 2), (9, 3))] == [
+        "aten", "aten", "batch", "fft", "fft"]
+    nchw, cl = torch.contiguous_format, torch.channels_last
+    assert [dwc.forward_layout(k, 1, nchw) for k in CPU_KERNELS] == [nchw] * 5 + [cl] * 2
+    assert [dwc.forward_layout(k, 1, cl) for k in CPU_KERNELS] == [cl] * 4 + [nchw] + [cl] * 2
+    assert dwc.forward_layout(7, 2, nchw) == cl and dwc.forward_layout(5, 2, nchw) == nchw
+    assert [dwc.fft_size(n) for n in (1, 7, 44, 45, 49, 81)] == [2, 8, 48, 48, 50, 90]
+    set_backend("torch")
+    # bf16 runs in fp32 (FFT included) and is rounded once: within bf16 rounding of the fp64 reference
+    for k in (3, 7, 15):
+        case = dict(K=k, B=2, dilation=1, dtype="bf16", cl=k == 7, bias=True, affine=True)
+        r = _compare(case)
+        assert r.pop("layout_kept")
+        assert max(r.values()) <= 1e-2, r
+
+
 if __name__ == "__main__":
     _interpreter_child()
 
@@ -403,3 +510,16 @@ def test_flop_counter_counts_the_custom_op_and_meta_shapes_work():
     assert counter.get_total_flops() == 3 * per_pass  # forward, input grad, weight grad
     with torch.device("meta"):
         assert dwconv2d(torch.empty(2, 4, 9, 11), torch.empty(4, 1, 7, 7)).shape == y.shape
+
+
+def test_cpu_bench_runs(capsys):
+    from uniperc.bench import dwconv_cpu as bench
+
+    rows = bench.main(["--shapes", "1x2x6x7x3,1x2x6x7x15x2", "--repeats", "1"])
+    assert [(r["K"], r["dilation"]) for r in rows] == [(3, 1), (15, 2)]
+    for r in rows:
+        assert r["speedup"] == pytest.approx(min(r["aten_nchw"], r["aten_cl"]) / r["ours"])
+        assert r["bwd_ratio"] == pytest.approx(r["ours"] / r["ours_fwd"])
+    assert "fwdbwd/fwd" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="odd K"):
+        bench.main(["--shapes", "1x2x6x7x4"])

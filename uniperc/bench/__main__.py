@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("backbone", "mixers", "dwconv", "data", "recipes")
+BENCHMARKS = ("backbone", "mixers", "dwconv", "dwconv_cpu", "data", "recipes")
 
 
 def main(argv=None):

@@ -9,8 +9,8 @@ forward); padding taps are counted as done, as every direct implementation does 
 
 A large-K depthwise conv is compute-bound (about ``2*K*K`` FLOP per element read and written), which
 is why the non-tensor-core FP32 peak is the yardstick, for bf16 too (neither implementation uses
-tensor cores). On the CPU the op runs its ``F.conv2d`` fallback (unless ``--backend triton`` under
-``TRITON_INTERPRET=1``), so a CPU run only smoke-tests the harness.
+tensor cores). On the CPU the op runs :mod:`uniperc.ops.dwconv_cpu` (unless ``--backend triton`` under
+``TRITON_INTERPRET=1``); ``python -m uniperc.bench dwconv_cpu`` is the CPU benchmark.
 """
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         device = torch.device(args.device)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         ours = "Triton" if (args.backend == "triton" or (args.backend == "auto" and device.type == "cuda")) \
-            else "F.conv2d fallback"
+            else "torch ops"
         print(f"device: {name}; ours = uniperc.ops.dwconv2d (backend {args.backend!r} -> {ours}); "
               f"assumed FP32 CUDA-core peak: {args.peak_tflops:g} TFLOP/s (--peak-tflops)")
         print("ratio = F.conv2d time / ours time (> 1: ours faster); "

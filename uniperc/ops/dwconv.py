@@ -3,7 +3,9 @@
 Every depthwise conv with K >= 7 in uniperc goes through :func:`dwconv2d` (or the :class:`DWConv2d`
 module), so one switch picks the implementation:
 
-* ``"torch"``  -- ``F.conv2d`` (+ the affine): exact reference, any device.
+* ``"torch"``  -- plain torch ops, exact on any device: ``F.conv2d`` (+ the affine), and on CPU
+  tensors the algorithms of :mod:`uniperc.ops.dwconv_cpu` (a layout per kernel size for the forward,
+  batch-as-channels or FFT for the weight gradient), 2-40x faster than aten's own CPU kernels.
 * ``"triton"`` -- the Triton kernels in :mod:`uniperc.ops._triton_dwconv`. On CUDA tensors they are
   compiled; on CPU tensors they run under the Triton interpreter, which must have been enabled with
   ``TRITON_INTERPRET=1`` before triton was imported (otherwise a ``RuntimeError`` says so).
@@ -34,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+from . import dwconv_cpu
 
 #: Largest odd kernel size accepted. The kernels loop over taps at run time, so this is not a
 #: hardware limit; it bounds the K*K partial-sum buffer of the weight gradient and is the range tested.
@@ -123,13 +127,20 @@ def _dwconv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optio
     if _uses_triton(x):
         return _triton_kernels().forward(x, weight, bias, scale, shift, dilation, out=_empty_output(x))
     k = weight.shape[-1]
-    y = F.conv2d(x, weight, bias, padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
+    if x.device.type == "cpu" and dwconv_cpu.accelerated(k, dilation):  # fp32 for bf16 / fp16, rounded below
+        y = dwconv_cpu.forward(x, weight, bias, dilation)
+    else:
+        y = F.conv2d(x, weight, bias, padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
     if scale is not None:
         y = y * scale.view(1, -1, 1, 1)
     if shift is not None:
         y = y + shift.view(1, -1, 1, 1)
-    out = _empty_output(x)  # uninitialised; only written if F.conv2d chose other strides
-    return y if y.stride() == out.stride() else out.copy_(y)
+    # the promised strides, read off a meta tensor: an unused real allocation here costs page faults
+    # (8x40x56x56, K=3 on CPU: 4.4 vs 1.2 ms per call)
+    promised = torch.empty_like(x, memory_format=_memory_format(x), device="meta")
+    if y.dtype == x.dtype and y.stride() == promised.stride():
+        return y
+    return _empty_output(x).copy_(y)
 
 
 @_dwconv2d_op.register_fake
@@ -143,6 +154,8 @@ def _weight_grad_op(grad_out: Tensor, x: Tensor, kernel_size: int, dilation: int
     dtype (fp32, fp64 for fp64 inputs) so the affine gradients derived from it keep full precision."""
     if _uses_triton(x):
         return _triton_kernels().weight_grad(grad_out, x, kernel_size, dilation)
+    if x.device.type == "cpu" and dwconv_cpu.accelerated(kernel_size, dilation):
+        return dwconv_cpu.weight_grad(grad_out, x, kernel_size, dilation)
     c = x.shape[1]
     # aten's conv backward only reads the weight's shape when just the weight gradient is asked for
     _, gw, _ = torch.ops.aten.convolution_backward(

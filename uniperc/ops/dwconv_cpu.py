@@ -1,0 +1,148 @@
+"""CPU implementation of ``uniperc::dwconv2d`` and ``uniperc::dwconv2d_weight_grad``.
+
+PyTorch's own CPU depthwise kernels are exact but pick the wrong algorithm for large kernels: the
+NCHW forward is 20-45x slower than channels_last at K >= 15, and the weight gradient (a reduction of
+``x * dy`` over batch and pixels for each of the K*K taps) is 25-70x slower than the forward. Each
+function below picks, from the kernel size and dilation alone, the exact algorithm that was fastest
+in single-threaded measurements (``python -m uniperc.bench dwconv_cpu``; table in docs/dwconv.md):
+
+* forward and input gradient (a forward with the flipped kernel): aten in channels_last for K >= 15
+  and dilated K >= 7, in NCHW for 11 <= K <= 13 at dilation 1, else in the input's layout
+  (:func:`forward_layout`);
+* weight gradient (:func:`weight_grad_path`): ``"fft"`` (correlation in the frequency domain, summed
+  over the batch there) for K >= 15 or padding >= 12, ``"aten"`` (aten's kernel, in the input's layout) for
+  K = 3 and the other dilation >= 3 cases, ``"batch"`` (batch-as-channels: one depthwise conv of x with dy as
+  the kernel) otherwise.
+
+bf16 / fp16 are computed in fp32 and rounded once at the end (the FFT never runs in low precision);
+fp64 stays fp64. All paths agree with ``F.conv2d`` and its autograd to ~1e-6 relative in fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Forward / input grad in NCHW for this range of K at dilation 1 (see :func:`forward_layout`).
+FWD_NCHW_K = range(11, 14)
+#: Weight gradient by FFT from this K on, or from this padding d*(K//2) on at any dilation.
+WGRAD_FFT_MIN_K = 15
+WGRAD_FFT_MIN_PAD = 12
+WGRAD_PATHS = ("aten", "batch", "fft")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def accelerated(k: int, dilation: int) -> bool:
+    """Whether the algorithms below beat aten's own CPU path (``F.conv2d`` in the input's layout and
+    ``convolution_backward``) on fwd+bwd. They do from K = 5 at dilation <= 2 and from K = 15 at any
+    dilation (K=13 on 32x80x32x32: 147 vs 819 ms; 7 d=2 on 8x80x28x28: 35 vs 51; 5 d=2: 12 vs 21), but
+    not for K <= 3 nor for dilated K = 7 (d=3: 128 vs 103 ms; K=3 d=4: 32 vs 16; K=1: 9.9 vs 6.1),
+    where aten's NCHW kernels are already fast and the layout copies cost more than they save: those
+    shapes keep aten's path, so the op is never slower than aten on the input as given."""
+    return k >= 15 or (k >= 5 and dilation <= 2)
+
+
+def forward_layout(k: int, dilation: int, given: torch.memory_format) -> torch.memory_format:
+    """Layout aten's depthwise forward runs fastest in, for an input in layout ``given``. Its NCHW
+    kernel falls to a slow path at K >= 15 (20-45x slower: K=51 on 8x64x56x51, 4074 vs 89 ms) and
+    at dilation >= 2 with K >= 7 (K=13 d=2: 128 vs 67 ms), and is 2-6x faster than channels_last for
+    11 <= K <= 13 at dilation 1. Elsewhere both are fast and a layout conversion (~2 ms each way on
+    8x40x56x56) costs more than it saves, so the input's own layout is kept."""
+    if k >= 15 or (dilation >= 2 and k >= 7):
+        return torch.channels_last
+    if dilation == 1 and k in FWD_NCHW_K:
+        return torch.contiguous_format
+    return given
+
+
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) -> Tensor:
+    """``conv(x, weight) + bias`` ('same' padding), in the accumulation dtype, in any layout."""
+    k, acc = weight.shape[-1], _acc(x.dtype)
+    given = torch.channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
+    xc = x.to(acc).contiguous(memory_format=forward_layout(k, dilation, given))
+    return F.conv2d(xc, weight.to(acc), None if bias is None else bias.to(acc),
+                    padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
+
+
+def weight_grad_path(k: int, dilation: int) -> str:
+    """Fastest exact weight-gradient algorithm (measured on 8x80x28x28 unless said otherwise):
+
+    * ``"fft"`` for K >= 15 or a padding d*(K//2) >= 12: the reduction costs O(K^2) per pixel directly
+      but O(log HW) in the frequency domain (K=25 on 32x80x32x32: 280 ms vs 2287 batch-as-channels
+      and 4389 aten; K=13 d=2: 19 vs 25 aten, 124 batch);
+    * ``"aten"`` (in the input's layout, no conversion) for K = 3 (its kernel is fast there: 0.8 ms vs 2.0 batch on
+      8x40x56x56, channels_last input) and for the remaining dilation >= 3 (K=7 d=3: 9 vs 21 fft, 41 batch);
+    * ``"batch"`` otherwise: aten's weight gradient is 5-20x slower than its forward, whereas a
+      forward-style depthwise conv of x with dy as the kernel does the same reduction (K=13 on
+      32x80x32x32: 83 vs 550 ms aten channels_last, 370 FFT; K=1: 2.4 vs 7.8 aten channels_last).
+    """
+    if k >= WGRAD_FFT_MIN_K or dilation * (k // 2) >= WGRAD_FFT_MIN_PAD:
+        return "fft"
+    return "aten" if k == 3 or dilation >= 3 else "batch"
+
+
+def weight_grad(grad_out: Tensor, x: Tensor, k: int, dilation: int) -> Tensor:
+    """``w[c, 0, i, j] = sum_{b,y,x} x_pad[b, c, y + i*d, x + j*d] * dy[b, c, y, x]`` as a
+    ``(C, 1, K, K)`` tensor in the accumulation dtype (fp32, fp64 for fp64)."""
+    acc = _acc(x.dtype)
+    return _WGRAD[weight_grad_path(k, dilation)](grad_out.to(acc), x.to(acc), k, dilation).contiguous()
+
+
+def _wgrad_aten(dy: Tensor, x: Tensor, k: int, d: int) -> Tensor:
+    """aten's own depthwise weight gradient, in x's layout (``dy`` comes in the same one)."""
+    c = x.shape[1]
+    # aten's conv backward only reads the weight's shape when just the weight gradient is asked for
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        dy, x, x.new_empty(c, 1, k, k), None, [1, 1], [d * (k // 2)] * 2, [d, d], False, [0, 0], c,
+        [False, True, False])
+    return gw
+
+
+def _wgrad_batch(dy: Tensor, x: Tensor, k: int, d: int) -> Tensor:
+    """Batch-as-channels: x as ONE image of B*C channels (channels_last), dy as its (B*C, 1, H, W)
+    depthwise kernel. With padding p = d*(K//2) and stride d the conv's output (i, j) is
+    ``sum_{y,x} x_pad[y + i*d, x + j*d] * dy[y, x]`` for i, j < K: the per-sample weight gradient,
+    summed over the batch afterwards."""
+    b, c, h, w = x.shape
+    # (H, W, B*C) memory = channels_last (1, B*C, H, W): one copy from either input layout
+    xi = x.permute(2, 3, 0, 1).reshape(h, w, b * c).permute(2, 0, 1).unsqueeze(0)
+    g = F.conv2d(xi, dy.reshape(b * c, 1, h, w), padding=d * (k // 2), stride=d, groups=b * c)
+    return g.view(b, c, k, k).sum(0).unsqueeze(1)
+
+
+def fft_size(n: int) -> int:
+    """Smallest even 2^a 3^b 5^c >= n: MKL's FFT is 1.5-3x faster on those lengths than on primes
+    or odd lengths (measured 45 vs 48 on 32x80 planes)."""
+    m = n + n % 2
+    while True:
+        r = m
+        for f in (2, 3, 5):
+            while r % f == 0:
+                r //= f
+        if r == 1:
+            return m
+        m += 2
+
+
+def _wgrad_fft(dy: Tensor, x: Tensor, k: int, d: int) -> Tensor:
+    """Cross-correlation theorem: ``corr[s] = sum_y x[y + s] dy[y] = irfft(rfft(x) * conj(rfft(dy)))``
+    for shifts |s| <= p = d*(K//2), per channel, with the batch sum taken on the spectra. FFT length
+    >= H + p keeps the circular wrap inside x's zero padding, so the result is exact up to rounding."""
+    b, c, h, w = x.shape
+    p = d * (k // 2)
+    nh, nw = fft_size(h + p), fft_size(w + p)
+    # zero-pad explicitly: rfft2(x, s=...) pads internally but measured 1.5-3x slower
+    fx = torch.fft.rfft2(F.pad(x, (0, nw - w, 0, nh - h)))
+    fy = torch.fft.rfft2(F.pad(dy, (0, nw - w, 0, nh - h)))
+    corr = torch.fft.irfft2((fx * fy.conj()).sum(0), s=(nh, nw))
+    rows = torch.arange(-p, p + 1, d) % nh  # negative shifts sit at the end of the circular result
+    cols = torch.arange(-p, p + 1, d) % nw
+    return corr[:, rows[:, None], cols[None, :]].unsqueeze(1)
+
+
+_WGRAD = {"aten": _wgrad_aten, "batch": _wgrad_batch, "fft": _wgrad_fft}
