@@ -492,6 +492,24 @@ def test_cpu_dispatch_rule_and_bf16():
         assert max(r.values()) <= 1e-2, r
 
 
+def test_gpu_check_passes_the_op_flags_a_wrong_one_and_needs_cuda(monkeypatch):
+    """``python -m uniperc.bench gpu``'s correctness part, run here on the CPU op: every case within
+    tolerance; a kernel flipped left-right is flagged; without CUDA the command refuses with a clear error."""
+    from uniperc.bench import gpu
+
+    small = dict(kernels=(3, 7), dilations=(1, 2), dtypes=("fp32", "bf16"), shape=(1, 4, 9, 7))
+    rows = gpu.check_correctness(torch.device("cpu"), backend="torch", **small)
+    assert len(rows) == 16 and all(r["ok"] for r in rows), gpu.format_check(rows)
+    assert max(r["worst"] for r in rows if r["dtype"] == "fp32") < 1e-5
+    real = dw.dwconv2d
+    monkeypatch.setattr(dw, "dwconv2d", lambda x, w, *a, **kw: real(x, w.flip(-1), *a, **kw))
+    bad = gpu.check_correctness(torch.device("cpu"), backend="torch", **small)
+    assert not any(r["ok"] for r in bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            gpu.main([])
+
+
 if __name__ == "__main__":
     _interpreter_child()
 

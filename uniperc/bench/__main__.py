@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("backbone", "mixers", "dwconv", "dwconv_cpu", "data", "recipes")
+BENCHMARKS = ("backbone", "mixers", "dwconv", "dwconv_cpu", "data", "recipes", "gpu")
 
 
 def main(argv=None):
