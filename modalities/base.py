@@ -116,6 +116,12 @@ class Modality:
     def validate_config(self, cfg: dict) -> None:
         """Check value ranges (subclass may extend); raise ``ValueError`` naming the key."""
 
+    def check_trainable(self, cfg: dict) -> None:
+        """Raise ``ValueError`` for an adapter setting that is valid for the adapter but that the trainer
+        cannot build a model for (the adapter can still feed a user's own model from Python). Called when
+        the trainer reads its config, so such a run stops before any data is loaded; subclasses with such
+        settings override it."""
+
     def field_shape(self, cfg: dict) -> tuple[int, int, int] | None:
         """``(C, H, W)`` when the regression target is a field on a grid (a dense head predicts it per pixel);
         ``None`` (the default) for class labels and scalar targets, which a pooled head predicts."""

@@ -316,6 +316,17 @@ class PointCloudModality(Modality):
             if int(cfg[key]) < 1:
                 raise ValueError(f"point_cloud: {key} must be >= 1, got {cfg[key]}")
 
+    def check_trainable(self, cfg):
+        """The trainer builds one image stem per modality; it has no multi-view stem (``view_layout="batch"``
+        returns ``V x C x H x W`` per cloud, which would fail at the first forward) and no point stem
+        (``projection="points"`` would train an image stem on a ``6 x 1 x N`` strip of coordinates)."""
+        if cfg["view_layout"] == "batch":
+            raise ValueError("view_layout 'batch' gives V x C x H x W per cloud (views folded into the batch, "
+                             "MVCNN-style), which train.py cannot build a stem for yet; use 'channels'")
+        if cfg["projection"] == "points":
+            raise ValueError("projection 'points' gives raw points for modalities.point_cloud.LearnedProjection, "
+                             "which train.py does not build as a stem yet; use 'fixed'")
+
     def in_chans(self, cfg=None) -> int:
         """Channels of the adapter output; with ``view_layout="batch"`` the channels of *one* view."""
         cfg = self.config(cfg)

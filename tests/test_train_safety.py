@@ -95,3 +95,15 @@ def test_fresh_start_sets_old_checkpoints_aside_until_its_own_first_checkpoint(t
     result = run(compose(["image"], TINY, [f"output_dir={folder}"]))
     assert not (folder / SET_ASIDE).exists() and latest(folder).name == "step_00000004"
     assert result["steps"] == 4
+
+
+@pytest.mark.parametrize("setting, message", [("view_layout=batch", "view_layout 'batch'"),
+                                              ("projection=points", "projection 'points'")])
+def test_adapter_settings_the_trainer_cannot_build_are_refused_when_read(setting, message):
+    """Valid for the adapter, but no trainer stem takes them: refused by ``resolve``, before any data."""
+    from uniperc.train.config import resolve
+
+    config = compose(["point_cloud"], None, [f"modalities.point_cloud.config.{setting}"])
+    with pytest.raises(ValueError, match=rf"modalities\.point_cloud\.config: {message}"):
+        resolve(config)
+    resolve(compose(["point_cloud"], None, []))  # the shipped recipe itself is accepted

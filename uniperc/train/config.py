@@ -244,6 +244,7 @@ def resolve(config: dict) -> dict:
                 raise ValueError(f"{prefix}{key} must be a mapping, got {s[key]!r}")
         try:
             s["config"] = _adapter_config(m, s)
+            m.check_trainable(s["config"])
         except ValueError as e:
             raise ValueError(f"{prefix}config: {e}") from None
         if s["head"] == "dense" and m.task_for(s["config"]) != "regression":
