@@ -270,7 +270,8 @@ class Modality:
         try:
             return json.loads(ds.info.description)[_CONFIG_KEY]
         except (TypeError, ValueError, KeyError):
-            raise ValueError(f"{self.name}: this dataset was not built by uniperc.modalities.{self.name}.load") from None
+            raise ValueError(f"{self.name}: this dataset was not built by "
+                             f"uniperc.modalities.{self.name}.load") from None
 
     # ----------------------------------------------------------------- labels
     def label_names(self, dsd) -> list[str]:

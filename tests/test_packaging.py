@@ -30,7 +30,8 @@ E2E = textwrap.dedent("""
     assert compose(["image"], "mine.yaml", [])["model"]["kwargs"]["dims"] == [8, 16, 32, 64]  # relative to the cwd
     result = run(compose(["image"], None, sys.argv[1:]))
     print(json.dumps({"uniperc": uniperc.__file__, "modalities": uniperc.modalities.__file__,
-                      "configs": str(CONFIG_DIR), "top_level_modalities": importlib.util.find_spec("modalities") is not None,
+                      "configs": str(CONFIG_DIR),
+                      "top_level_modalities": importlib.util.find_spec("modalities") is not None,
                       "editable_hooks": [repr(f) for f in sys.meta_path if "editable" in repr(f).lower()],
                       "steps": result["steps"], "checkpoint": str(latest("run").resolve())}))
 """)
@@ -56,8 +57,8 @@ def wheel(tmp_path_factory):
         else:
             shutil.copy(ROOT / name, src / name)
     dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", dist, src],
-         env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+          "-w", dist, src], env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
     (path,) = dist.glob("uniperc-*.whl")
     return path
 
@@ -68,7 +69,8 @@ def test_wheel_holds_uniperc_only_with_modalities_and_configs_inside(wheel):
     assert {t for t in top if not t.endswith(".dist-info")} == {"uniperc"}  # no top-level modalities/ or configs/
     expected = {f"uniperc/{p.relative_to(ROOT / 'uniperc').as_posix()}" for p in (ROOT / "uniperc").rglob("*.py")}
     expected |= {f"uniperc/modalities/{p.name}" for p in (ROOT / "modalities").glob("*.py")}
-    expected |= {f"uniperc/configs/{p.relative_to(ROOT / 'configs').as_posix()}" for p in (ROOT / "configs").rglob("*.yaml")}
+    expected |= {f"uniperc/configs/{p.relative_to(ROOT / 'configs').as_posix()}"
+                 for p in (ROOT / "configs").rglob("*.yaml")}
     assert "uniperc/configs/accelerate/cpu.yaml" in expected and "uniperc/modalities/audio.py" in expected
     assert not expected - names, f"missing from the wheel (pyproject's package list?): {sorted(expected - names)}"
 

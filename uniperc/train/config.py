@@ -25,7 +25,8 @@ from ..heads import HEADS
 
 
 def _config_dir() -> Path:
-    """The shipped YAML configs: ``uniperc/configs`` in the wheel, else the checkout's top-level ``configs/``."""
+    """The shipped YAML configs, wherever uniperc is imported from: ``uniperc/configs`` in an installed wheel,
+    else (a checkout, on PYTHONPATH or installed editable) the repository's top-level ``configs/``."""
     package = Path(__file__).resolve().parents[1]
     installed = package / "configs"
     return installed if installed.is_dir() else package.parent / "configs"
