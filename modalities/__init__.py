@@ -1,7 +1,7 @@
 """Modality registry: one module per modality, discovered by file name.
 
-``modalities.get("audio")`` imports ``modalities/audio.py`` and returns its ``MODALITY`` object (a
-:class:`modalities.base.Modality`), which holds both the adapter (raw sample -> ``C'xHxW`` tensor) and
+``uniperc.modalities.get("audio")`` imports ``modalities/audio.py`` and returns its ``MODALITY`` object (a
+:class:`uniperc.modalities.base.Modality`), which holds both the adapter (raw sample -> ``C'xHxW`` tensor) and
 the Hugging Face ``datasets`` loader. Adding a modality means adding one file that defines
 ``MODALITY``; nothing else has to be edited. Modules are imported lazily so that listing names does not
 pull in open3d, PyAV or xarray.
@@ -29,7 +29,7 @@ def list_modalities() -> list[str]:
 
 @lru_cache(maxsize=None)
 def get(name: str):
-    """The :class:`~modalities.base.Modality` registered under ``name``.
+    """The :class:`~uniperc.modalities.base.Modality` registered under ``name``.
 
     Raises ``ValueError`` listing the known names when ``name`` is unknown.
     """
@@ -39,7 +39,7 @@ def get(name: str):
     module = importlib.import_module(f"{__name__}.{name}")
     modality = getattr(module, "MODALITY", None)
     if modality is None:
-        raise ValueError(f"modalities/{name}.py defines no MODALITY object")
+        raise ValueError(f"{__name__}.{name} defines no MODALITY object")
     return modality
 
 

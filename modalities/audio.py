@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modalities.base import HubSpec, Modality, check_finite, split_by_key
+from .base import HubSpec, Modality, check_finite, split_by_key
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 SNDFILE_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif")  # read by libsndfile; others via librosa

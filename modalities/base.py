@@ -70,7 +70,7 @@ class ExampleTransform:
         self.modality, self.cfg, self.train = modality, cfg, train
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list[torch.Tensor]]:
-        from modalities import get
+        from . import get
 
         m = get(self.modality)
         n = len(next(iter(batch.values())))
@@ -270,7 +270,8 @@ class Modality:
         try:
             return json.loads(ds.info.description)[_CONFIG_KEY]
         except (TypeError, ValueError, KeyError):
-            raise ValueError(f"{self.name}: this dataset was not built by modalities.{self.name}.load") from None
+            raise ValueError(f"{self.name}: this dataset was not built by "
+                             f"uniperc.modalities.{self.name}.load") from None
 
     # ----------------------------------------------------------------- labels
     def label_names(self, dsd) -> list[str]:

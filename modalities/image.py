@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modalities.base import HubSpec, Modality, split_by_key
+from .base import HubSpec, Modality, split_by_key
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -40,7 +40,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from modalities.base import HubSpec, Modality, split_by_key
+from .base import HubSpec, Modality, split_by_key
 
 POINT_EXTENSIONS = (".ply", ".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts", ".off", ".obj", ".stl")
 MESH_EXTENSIONS = (".off", ".obj", ".stl", ".ply")
@@ -324,8 +324,9 @@ class PointCloudModality(Modality):
             raise ValueError("view_layout 'batch' gives V x C x H x W per cloud (views folded into the batch, "
                              "MVCNN-style), which train.py cannot build a stem for yet; use 'channels'")
         if cfg["projection"] == "points":
-            raise ValueError("projection 'points' gives raw points for modalities.point_cloud.LearnedProjection, "
-                             "which train.py does not build as a stem yet; use 'fixed'")
+            raise ValueError("projection 'points' gives raw points for "
+                             "uniperc.modalities.point_cloud.LearnedProjection, which train.py does not build as a "
+                             "stem yet; use 'fixed'")
 
     def in_chans(self, cfg=None) -> int:
         """Channels of the adapter output; with ``view_layout="batch"`` the channels of *one* view."""

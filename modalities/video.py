@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from modalities.base import HubSpec, Modality, split_by_key
+from .base import HubSpec, Modality, split_by_key
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
@@ -87,7 +87,7 @@ def decode_frames(value, num_frames: int, train: bool, what: str) -> np.ndarray:
     import av
 
     if isinstance(value, dict) and value.get("frames"):
-        from modalities.image import to_pil
+        from .image import to_pil
 
         frames = value["frames"]
         idx = sample_indices(len(frames), num_frames, train)
@@ -226,7 +226,7 @@ class VideoModality(Modality):
             if cfg["mirror_index"] is None:
                 if cfg["mirror_labels"]:
                     raise ValueError("video: mirror_labels are set but mirror_index is not; load data with "
-                                     "modalities.video.load (it fits mirror_index from the class names)")
+                                     "uniperc.modalities.video.load (it fits mirror_index from the class names)")
             else:
                 label = cfg["mirror_index"][label]
         return self._input(raw, cfg, train, flip), torch.tensor(label, dtype=torch.long)

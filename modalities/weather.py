@@ -52,7 +52,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from modalities.base import HubSpec, Modality, check_finite
+from .base import HubSpec, Modality, check_finite
 
 NAN_POLICIES = ("raise", "mask")
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-import modalities
+import uniperc.modalities as modalities
 from uniperc.baselines import compute, describe
 from uniperc.data import TaskData
 

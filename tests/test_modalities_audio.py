@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
-import modalities
-from modalities.audio import SPEECH_COMMANDS_V2_LABELS
+import uniperc.modalities as modalities
+from uniperc.modalities.audio import SPEECH_COMMANDS_V2_LABELS
 
 m = modalities.get("audio")
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")

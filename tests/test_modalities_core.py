@@ -1,12 +1,12 @@
-"""Registry, config handling and the shared split / caching machinery of ``modalities``."""
+"""Registry, config handling and the shared split / caching machinery of ``uniperc.modalities``."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-import modalities
-from modalities.base import TASKS, Modality, default_cache_dir, split_by_key
+import uniperc.modalities as modalities
+from uniperc.modalities.base import TASKS, Modality, default_cache_dir, split_by_key
 
 ALL = ["audio", "image", "point_cloud", "video", "weather"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import modalities
+import uniperc.modalities as modalities
 
 m = modalities.get("image")
 

@@ -6,8 +6,8 @@ import open3d as o3d
 import pytest
 import torch
 
-import modalities
-from modalities.point_cloud import SHAPES, LearnedProjection, project_views, view_rotations
+import uniperc.modalities as modalities
+from uniperc.modalities.point_cloud import SHAPES, LearnedProjection, project_views, view_rotations
 
 m = modalities.get("point_cloud")
 SMALL = {"image_size": 16, "views": 3, "num_points": 256, "surface_points": 512}
@@ -131,7 +131,7 @@ def test_hub_spec_names_modelnet40():
 
 
 def test_voxel_down_sampling_thins_dense_clouds():
-    from modalities.point_cloud import prepare_cloud
+    from uniperc.modalities.point_cloud import prepare_cloud
 
     rng = np.random.default_rng(0)
     p = rng.normal(size=(4000, 3))
@@ -143,7 +143,7 @@ def test_voxel_down_sampling_thins_dense_clouds():
 
 
 def test_so3_rotation_is_a_rotation_and_leaves_the_z_axis():
-    from modalities.point_cloud import random_rotation
+    from uniperc.modalities.point_cloud import random_rotation
 
     torch.manual_seed(0)
     tilts = []

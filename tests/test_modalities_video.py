@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import modalities
-from modalities.video import decode_frames, grid_shape, mosaic, sample_indices
+import uniperc.modalities as modalities
+from uniperc.modalities.video import decode_frames, grid_shape, mosaic, sample_indices
 
 m = modalities.get("video")
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import xarray as xr
 
-import modalities
-from modalities.base import ExampleTransform
-from modalities.weather import StationEmbedding, open_xarray, simulate_fields
+import uniperc.modalities as modalities
+from uniperc.modalities.base import ExampleTransform
+from uniperc.modalities.weather import StationEmbedding, open_xarray, simulate_fields
 
 m = modalities.get("weather")
 DEMO = {"days": 4, "nlat": 8, "nlon": 16}

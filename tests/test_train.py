@@ -126,7 +126,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 
 def test_evaluate_and_predict_reproduce_the_trained_model(tmp_path):
-    import modalities
+    import uniperc.modalities as modalities
     from uniperc.evaluate import evaluate_checkpoint
     from uniperc.predict import load_any, main as predict_main, predict_files
 
@@ -159,8 +159,8 @@ def test_evaluate_and_predict_reproduce_the_trained_model(tmp_path):
 
 
 def test_weather_dense_head_evaluates_predicts_and_reports_baselines(tmp_path):
-    import modalities
-    from modalities.weather import open_xarray
+    import uniperc.modalities as modalities
+    from uniperc.modalities.weather import open_xarray
     from uniperc.evaluate import evaluate_checkpoint
     from uniperc.heads import DenseHead
     from uniperc.predict import load_any, predict_files

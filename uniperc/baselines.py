@@ -4,7 +4,7 @@
   train split's most frequent class, measured on the evaluated split);
 * regression (forecasting): ``climatology`` (every target value's mean over the train split: for a forecast,
   the mean field of each variable at each lead step) and, where the modality can read the last observed step
-  from an input (:meth:`modalities.base.Modality.last_step`, e.g. weather), ``persistence`` (that step
+  from an input (:meth:`uniperc.modalities.base.Modality.last_step`, e.g. weather), ``persistence`` (that step
   repeated over the horizon). They are scored by :func:`uniperc.heads.task_metrics`, exactly like the model
   (MSE, RMSE, MAE, overall and per variable; masked NaN targets left out), on the same normalised targets.
 
@@ -67,7 +67,7 @@ def _raw_labels(split) -> list[int]:
 
 def _eval_view(data, split: str):
     """The split with evaluation transforms (no augmentation), also for the train split."""
-    from modalities.base import ExampleTransform
+    from uniperc.modalities.base import ExampleTransform
 
     return data.splits[split].with_transform(ExampleTransform(data.name, data.adapter_config, train=False))
 
@@ -90,7 +90,7 @@ def _nanmean_targets(data) -> torch.Tensor:
 
 
 def _persistence_and_labels(data, split: str) -> tuple[torch.Tensor | None, torch.Tensor]:
-    import modalities
+    import uniperc.modalities as modalities
 
     m = modalities.get(data.name)
     preds, labels = [], []

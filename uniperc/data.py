@@ -35,7 +35,7 @@ def load_task(name: str, source: str, config: dict | None, path=None, demo: dict
     """Load one modality's DatasetDict (``source`` demo / folder / hub, adapter ``config``; ``demo`` holds the
     demo-set size knobs) with what the model needs to know about it, including the head its target takes
     (``head`` / ``residual`` as in ``modalities.<name>.head`` / ``.residual``)."""
-    import modalities
+    import uniperc.modalities as modalities
 
     m = modalities.get(name)
     kwargs = dict(demo or {}) if source == "demo" else {}

@@ -295,7 +295,7 @@ def modality_inputs(modality: str, num_samples: int = 16, *, split: str = "valid
     on the demo set uses). ``size`` resizes them bilinearly (RepLKNet measures on 1024 x 1024 inputs so
     that the ERF of a large network is not cut by the border); ``demo_kw`` go to the demo generator.
     """
-    import modalities
+    import uniperc.modalities as modalities
 
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -370,7 +370,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--save-npy", default=None, help="also save the raw averaged map (.npy)")
     args = parser.parse_args(argv)
 
-    import modalities
+    import uniperc.modalities as modalities
 
     torch.manual_seed(args.seed)
     model = load_model(args.model, args.checkpoint, modality=args.modality,

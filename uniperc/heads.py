@@ -16,8 +16,8 @@ model's head drops into a plain timm model unchanged. On top it knows its task:
 * ``regression`` (forecasting included): mean-squared error on the targets flattened to one vector per
   sample; metrics MSE, RMSE and MAE overall and per target variable. ``output_names`` names either every
   output or the variables, whose outputs are then equal consecutive groups (a forecast of V variables x
-  horizon x H x W flattened variable-major, as ``modalities.weather`` does). Targets may be NaN (masked grid
-  points, ``modalities.weather``'s ``nan_policy="mask"``): those points count neither in the loss nor in the
+  horizon x H x W flattened variable-major, as ``uniperc.modalities.weather`` does). Targets may be NaN (masked grid
+  points, ``uniperc.modalities.weather``'s ``nan_policy="mask"``): those points count neither in the loss nor in the
   metrics.
 """
 from __future__ import annotations

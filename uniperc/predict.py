@@ -1,6 +1,6 @@
 """Classify raw files with a trained model: ``python -m uniperc.predict --checkpoint DIR FILE...``.
 
-Each file goes through its modality's own reader (``modalities.get(m).read_file``: .wav/.flac audio,
+Each file goes through its modality's own reader (``uniperc.modalities.get(m).read_file``: .wav/.flac audio,
 .ply/.off/.pcd point clouds, .nc weather, .mp4 video, .png images), with the adapter config saved at training
 time, then through that modality's stem and head. The modality is chosen from the file extension among the
 model's modalities (``--modality`` forces one).
@@ -47,7 +47,7 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[MultiModalNet, dict
 
 def modality_for(path: Path, model: MultiModalNet, forced: str | None = None) -> str:
     """The model's modality that reads ``path`` (by extension), or ``forced``."""
-    import modalities
+    import uniperc.modalities as modalities
 
     if forced is not None:
         if forced not in model.modalities:
@@ -65,7 +65,7 @@ def modality_for(path: Path, model: MultiModalNet, forced: str | None = None) ->
 @torch.no_grad()
 def predict_files(model: MultiModalNet, files: list[str | Path], modality: str | None = None, top_k: int = 3) -> list[dict]:
     """One result dict per file: modality, and the top classes with probabilities (or regression values)."""
-    import modalities
+    import uniperc.modalities as modalities
 
     results = []
     for f in files:

@@ -84,7 +84,7 @@ def train_step_rate(model_name: str, batch: dict, num_outputs: int, task: str, s
 
 
 def bench_modality(name: str, args, cache_dir: str) -> dict:
-    import modalities
+    import uniperc.modalities as modalities
 
     m = modalities.get(name)
     cfg = m.demo_config() if hasattr(m, "demo_config") else m.default_config()

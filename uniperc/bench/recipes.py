@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 RECIPES = ("image", "audio", "point_cloud", "weather", "video")
-JOINT_CONFIG = "configs/multitask.yaml"
+JOINT_CONFIG = "multitask.yaml"  # in the shipped configs (uniperc.train.config.CONFIG_DIR), wherever installed
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m uniperc.bench recipes", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(RECIPES), help=f"comma-separated subset of {','.join(RECIPES)}")
-    p.add_argument("--joint", action="store_true", help=f"also train the joint recipe ({JOINT_CONFIG})")
+    p.add_argument("--joint", action="store_true", help=f"also train the joint recipe (configs/{JOINT_CONFIG})")
     p.add_argument("--runs", default="runs/recipes", help="parent folder of the run folders (one per recipe)")
     p.add_argument("--output", default="docs/results.md", help="markdown file the table is written to")
     p.add_argument("--config", help="take every recipe's settings from this YAML instead (e.g. configs/tiny.yaml)")
@@ -82,7 +82,9 @@ def main(argv=None):
     runs = Path(args.runs)
     recipes = [(m, [m], args.config) for m in args.only]
     if args.joint:
-        recipes.append(("joint", None, args.config or JOINT_CONFIG))
+        from uniperc.train.config import CONFIG_DIR
+
+        recipes.append(("joint", None, args.config or str(CONFIG_DIR / JOINT_CONFIG)))
     rows = []
     for label, modalities, config in recipes:
         print(f"== recipe {label}: {config or f'configs/{label}.yaml'} -> {runs / label}", flush=True)

@@ -23,13 +23,22 @@ import yaml
 
 from ..heads import HEADS
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+def _config_dir() -> Path:
+    """The shipped YAML configs, wherever uniperc is imported from: ``uniperc/configs`` in an installed wheel,
+    else (a checkout, on PYTHONPATH or installed editable) the repository's top-level ``configs/``."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 MODALITY_DEFAULTS: dict[str, Any] = {
-    "source": "demo",          # demo | folder | hub (modalities.<name>.load)
+    "source": "demo",          # demo | folder | hub (uniperc.modalities.<name>.load)
     "path": None,              # folder of real files for source=folder
     "config": None,            # adapter settings; None = the modality's demo_config() for demo data, else defaults
-    "demo": {},                # demo-set size knobs (modalities.<name>.make_demo keyword arguments)
+    "demo": {},                # demo-set size knobs (uniperc.modalities.<name>.make_demo keyword arguments)
     "batch_size": 32,          # per process
     "eval_batch_size": None,   # None = 2 x batch_size
     "label_smoothing": 0.1,    # classification heads only
@@ -193,7 +202,7 @@ def _number(cfg: dict, key: str, name: str, low=None, high=None, integer=False, 
 def resolve(config: dict) -> dict:
     """Defaults filled in and every value checked; raises ``ValueError`` naming the bad key.
 
-    Modality adapter settings are checked by the modality itself (``modalities.get(m).config``), also here,
+    Modality adapter settings are checked by the modality itself (``uniperc.modalities.get(m).config``), also here,
     so a typo in ``modalities.audio.config`` fails before any data is generated or model built.
     """
     if not isinstance(config, dict):
@@ -213,7 +222,7 @@ def resolve(config: dict) -> dict:
     mods = config.get("modalities") or {}
     if not isinstance(mods, dict) or not mods:
         raise ValueError("modalities must map at least one modality name to its settings")
-    import modalities as modality_registry
+    import uniperc.modalities as modality_registry
 
     cfg["modalities"] = {}
     for name, section in mods.items():
@@ -328,7 +337,7 @@ def _check_backbone_builds(model_cfg: dict, sections: dict) -> None:
     import timm
     import torch
 
-    import modalities as modality_registry
+    import uniperc.modalities as modality_registry
 
     for name, section in sections.items():
         m = modality_registry.get(name)
