@@ -73,6 +73,7 @@ def _create_pelk(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet
     return build_variant(variant, pretrained, checkpoint_filter_fn, model_args, **kwargs)
 
 
+# PeLK has no official code or weights release: no URL to name.
 default_cfgs = generate_default_cfgs({f"{name}.untrained": image_cfg(license="apache-2.0") for name in MODEL_ARGS})
 
 
