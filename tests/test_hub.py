@@ -133,6 +133,21 @@ def test_official_format_file_through_pretrained_true(tmp_path, name):
     _same_outputs(model, reference, torch.randn(1, 3, 64, 64))
 
 
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_official_format_file_fine_tunes_to_other_classes_and_channels(tmp_path, name):
+    """timm adapts the classifier and the first conv after the filter, so the filter lets those two differ."""
+    keys, family, nest = OFFICIAL[name]
+    official = random_state_dict(load_reference_keys(keys), seed=6)
+    path = tmp_path / f"{name}_official.pth"
+    torch.save({nest: official}, path)
+    own = timm.create_model(name, pretrained=True, num_classes=7, in_chans=1,
+                            pretrained_cfg_overlay=dict(file=str(path))).state_dict()
+    reference = uniperc.load_converted(timm.create_model(name), official, family).state_dict()
+    assert own["head.fc.weight"].shape[0] == 7
+    torch.testing.assert_close(own["stem.0.weight"], reference["stem.0.weight"].sum(1, keepdim=True))
+    assert all(torch.equal(v, reference[k]) for k, v in own.items() if k.startswith("stages."))
+
+
 # ---- refused folders ----
 
 def _saved(tmp_path):

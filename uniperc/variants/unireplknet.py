@@ -11,7 +11,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 
 from ..backbone import UniPercNet
-from ._builder import build_variant, image_cfg
+from ._builder import adapted_by_timm, build_variant, image_cfg
 from ..convert import CONVNEXT_FRAME_RENAMES, prepare_state_dict, register_converter, rename_keys
 
 __all__ = ["checkpoint_filter_fn"]
@@ -56,7 +56,7 @@ def convert_official_unireplknet(state_dict) -> dict[str, torch.Tensor]:
 
 def checkpoint_filter_fn(state_dict, model):
     """timm ``pretrained_filter_fn``: official or uniperc, train-time or deploy form."""
-    return prepare_state_dict(model, state_dict, "unireplknet")
+    return prepare_state_dict(model, state_dict, "unireplknet", ignore=adapted_by_timm(model))
 
 
 def _create_unireplknet(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:

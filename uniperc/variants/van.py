@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from ..backbone import UniPercNet
-from ._builder import build_variant, image_cfg
+from ._builder import adapted_by_timm, build_variant, image_cfg
 from ..convert import prepare_state_dict, register_converter, rename_keys
 from ..layers import StridedConv2d, register_downsample, register_stem
 from ..reparam import fuse_bn
@@ -85,7 +85,7 @@ def convert_official_van(state_dict) -> dict[str, torch.Tensor]:
 
 def checkpoint_filter_fn(state_dict, model):
     """timm ``pretrained_filter_fn``: official or uniperc, train-time or deploy form."""
-    return prepare_state_dict(model, state_dict, "van")
+    return prepare_state_dict(model, state_dict, "van", ignore=adapted_by_timm(model))
 
 
 def _create_van(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
