@@ -151,9 +151,7 @@ def test_official_format_file_fine_tunes_to_other_classes_and_channels(tmp_path,
 # ---- refused folders ----
 
 def _saved(tmp_path):
-    model = timm.create_model("van_b0", num_classes=4, **SMALL).eval()
-    uniperc.save_for_hf(model, tmp_path)
-    return model
+    uniperc.save_for_hf(timm.create_model("van_b0", num_classes=4, **SMALL), tmp_path)
 
 
 def test_unknown_model_is_named(tmp_path):
@@ -162,6 +160,11 @@ def test_unknown_model_is_named(tmp_path):
     config["architecture"] = "van_b9_nope"
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="van_b9_nope"):
+        uniperc.load(tmp_path)
+    (tmp_path / "uniperc.json").write_text(json.dumps(
+        {"format": "uniperc.multimodal", "version": 2, "backbone": "van_b9_nope", "backbone_kwargs": {},
+         "tasks": {"image": dict(in_chans=3, task="classification", num_outputs=4)}}))
+    with pytest.raises(ValueError, match="van_b9_nope"):  # an export's spec naming it
         uniperc.load(tmp_path)
 
 
