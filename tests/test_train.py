@@ -78,7 +78,7 @@ def test_tiny_end_to_end(tmp_path, modality):
     test = result["metrics"]["test"][modality]
     assert test and all(math.isfinite(v) for v in test.values())
     out = tmp_path / modality
-    for name in ("training_curves.png", "metrics.csv", "metrics.json", "model/model.safetensors", "model/config.json"):
+    for name in ("training_curves.png", "metrics.csv", "metrics.json", "model/model.safetensors", "model/uniperc.json"):
         assert (out / name).is_file(), name
     assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
     rows = (out / "metrics.csv").read_text().splitlines()

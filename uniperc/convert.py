@@ -70,26 +70,33 @@ def _key_report(expected: Mapping, given: Mapping) -> str:
     return "; ".join(parts)
 
 
-def prepare_state_dict(model: nn.Module, state_dict: Mapping, family: str) -> dict[str, torch.Tensor]:
+def prepare_state_dict(model: nn.Module, state_dict: Mapping, family: str,
+                       ignore: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """Convert ``state_dict`` for ``model`` and check it fits exactly.
 
     Accepts official or uniperc keys. A deploy-form checkpoint for a train-form model reparameterises the
     model first (in place), so it has the structure the weights were saved from. Raises ``ValueError``
-    naming the missing / unexpected / mis-shaped keys.
+    naming the missing / unexpected / mis-shaped keys. Keys starting with a prefix in ``ignore`` are left
+    out of the check (timm's ``load_pretrained`` drops or adapts them after its filter).
     """
+    ignore = tuple(ignore)
+
+    def checked(state: Mapping) -> dict:
+        return {k: v for k, v in state.items() if not k.startswith(ignore)}
+
     state_dict = dict(_unwrap(state_dict))
-    own = model.state_dict()
+    own = checked(model.state_dict())
     deployed = None
-    if set(state_dict) - set(own):
-        deployed = reparameterize(copy.deepcopy(model)).state_dict()
-        if set(state_dict) - set(deployed):  # neither our train nor our deploy keys: official names
+    if set(checked(state_dict)) - set(own):
+        deployed = checked(reparameterize(copy.deepcopy(model)).state_dict())
+        if set(checked(state_dict)) - set(deployed):  # neither our train nor our deploy keys: official names
             state_dict = convert_checkpoint(state_dict, family)
-    if set(state_dict) != set(own):
-        deployed = deployed if deployed is not None else reparameterize(copy.deepcopy(model)).state_dict()
-        if set(state_dict) == set(deployed):
+    if set(checked(state_dict)) != set(own):
+        deployed = deployed if deployed is not None else checked(reparameterize(copy.deepcopy(model)).state_dict())
+        if set(checked(state_dict)) == set(deployed):
             reparameterize(model)
             own = deployed
-    report = _key_report(own, state_dict)
+    report = _key_report(own, checked(state_dict))
     if report:
         raise ValueError(f"checkpoint does not fit {type(model).__name__} ({family}): {report}")
     return state_dict

@@ -342,10 +342,10 @@ def load_model(name: str | None = None, checkpoint: str | None = None, modality:
     if (name is None) == (checkpoint is None):
         raise ValueError("give exactly one of --model NAME or --checkpoint DIR")
     if checkpoint is not None:
-        from .export import CONFIG_FILE, load
+        from .export import is_export_dir, load
 
         directory = Path(checkpoint)
-        if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
+        if not is_export_dir(directory) and is_export_dir(directory / "model"):
             directory = directory / "model"
         return ModalityPath(load(directory), modality)
     if not timm.is_model(name):

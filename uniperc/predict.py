@@ -26,9 +26,9 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[MultiModalNet, dict
     from safetensors.torch import load_file
 
     path = Path(path)
-    if (path / export_mod.CONFIG_FILE).is_file():
+    if export_mod.is_export_dir(path):
         return export_mod.load(path, device), export_mod.read_config(path)
-    if (path / runs.EXPORT_DIR / export_mod.CONFIG_FILE).is_file():
+    if export_mod.is_export_dir(path / runs.EXPORT_DIR):
         return export_mod.load(path / runs.EXPORT_DIR, device), export_mod.read_config(path / runs.EXPORT_DIR)
     if runs.is_checkpoint(path):
         run_dir = runs.run_dir_of(path)

@@ -22,7 +22,7 @@ from timm.layers import LayerNorm2d
 from timm.models import generate_default_cfgs, register_model
 
 from ..backbone import UniPercNet
-from ._builder import build_variant, image_cfg
+from ._builder import adapted_by_timm, build_variant, image_cfg
 from ..convert import prepare_state_dict, register_converter
 from ..layers import register_downsample, register_stem
 
@@ -64,7 +64,7 @@ def convert_pelk(state_dict) -> dict[str, torch.Tensor]:
 
 def checkpoint_filter_fn(state_dict, model):
     """timm ``pretrained_filter_fn``: uniperc-format checkpoints, train-time or deploy form."""
-    return prepare_state_dict(model, state_dict, "pelk")
+    return prepare_state_dict(model, state_dict, "pelk", ignore=adapted_by_timm(model))
 
 
 def _create_pelk(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
@@ -73,6 +73,7 @@ def _create_pelk(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet
     return build_variant(variant, pretrained, checkpoint_filter_fn, model_args, **kwargs)
 
 
+# PeLK has no official code or weights release: no URL to name.
 default_cfgs = generate_default_cfgs({f"{name}.untrained": image_cfg(license="apache-2.0") for name in MODEL_ARGS})
 
 

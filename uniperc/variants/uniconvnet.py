@@ -14,7 +14,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 
 from ..backbone import UniPercNet
-from ._builder import build_variant, image_cfg
+from ._builder import adapted_by_timm, build_variant, image_cfg
 from ..convert import CONVNEXT_FRAME_RENAMES, prepare_state_dict, register_converter, rename_keys
 
 __all__ = ["checkpoint_filter_fn", "convert_official_uniconvnet"]
@@ -49,7 +49,7 @@ def convert_official_uniconvnet(state_dict) -> dict[str, torch.Tensor]:
 
 def checkpoint_filter_fn(state_dict, model):
     """timm ``pretrained_filter_fn``: official or uniperc keys, train-time or deploy form."""
-    return prepare_state_dict(model, state_dict, "uniconvnet")
+    return prepare_state_dict(model, state_dict, "uniconvnet", ignore=adapted_by_timm(model))
 
 
 def _create_uniconvnet(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
@@ -60,7 +60,24 @@ def _create_uniconvnet(variant: str, pretrained: bool = False, **kwargs) -> UniP
     return build_variant(variant, pretrained, checkpoint_filter_fn, model_args, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({f"{name}.untrained": image_cfg(license="mit") for name in MODEL_ARGS})
+# The official release on the Hugging Face Hub (the ImageNet-1K table of the official README), at 224 px for every
+# variant and 384 px for T / S / B.
+_HUB_ID = "ai-modelwithcode/UniConvNet"
+_IN1K = {"uniconvnet_a": "uniconvnet_a_1k_224.pth", "uniconvnet_p0": "uniconvnet_p0_1k_224_ema.pth",
+         "uniconvnet_p1": "uniconvnet_p1_1k_224_ema.pth", "uniconvnet_p2": "uniconvnet_p2_1k_224_ema.pth",
+         "uniconvnet_n0": "uniconvnet_n0_1k_224_ema.pth", "uniconvnet_n1": "uniconvnet_n1_1k_224.pth",
+         "uniconvnet_n2": "uniconvnet_n2_1k_224_ema.pth", "uniconvnet_n3": "uniconvnet_n3_1k_224_ema.pth",
+         "uniconvnet_t": "uniconvnet_t_1k_224_ema.pth", "uniconvnet_s": "uniconvnet_s_1k_224_ema.pth",
+         "uniconvnet_b": "uniconvnet_b_1k_224_ema.pth"}
+_IN1K_384 = {"uniconvnet_t": "uniconvnet_t_1k_384.pth", "uniconvnet_s": "uniconvnet_s_1k_384.pth",
+             "uniconvnet_b": "uniconvnet_b_1k_384.pth"}
+default_cfgs = generate_default_cfgs({
+    **{f"{name}.in1k": image_cfg(hf_hub_id=_HUB_ID, hf_hub_filename=file, license="mit")
+       for name, file in _IN1K.items()},
+    **{f"{name}.in1k_384": image_cfg(hf_hub_id=_HUB_ID, hf_hub_filename=file, license="mit",
+                                     input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
+       for name, file in _IN1K_384.items()},
+})
 
 
 @register_model

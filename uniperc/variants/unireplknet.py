@@ -11,7 +11,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 
 from ..backbone import UniPercNet
-from ._builder import build_variant, image_cfg
+from ._builder import adapted_by_timm, build_variant, image_cfg
 from ..convert import CONVNEXT_FRAME_RENAMES, prepare_state_dict, register_converter, rename_keys
 
 __all__ = ["checkpoint_filter_fn"]
@@ -56,7 +56,7 @@ def convert_official_unireplknet(state_dict) -> dict[str, torch.Tensor]:
 
 def checkpoint_filter_fn(state_dict, model):
     """timm ``pretrained_filter_fn``: official or uniperc, train-time or deploy form."""
-    return prepare_state_dict(model, state_dict, "unireplknet")
+    return prepare_state_dict(model, state_dict, "unireplknet", ignore=adapted_by_timm(model))
 
 
 def _create_unireplknet(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
@@ -65,7 +65,24 @@ def _create_unireplknet(variant: str, pretrained: bool = False, **kwargs) -> Uni
     return build_variant(variant, pretrained, checkpoint_filter_fn, model_args, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({f"{name}.untrained": image_cfg(license="apache-2.0") for name in MODEL_ARGS})
+# The official release on the Hugging Face Hub (``huggingface_file_names`` of the official unireplknet.py): ImageNet-1K
+# models at 224 px for A..S, ImageNet-22K -> 1K fine-tunes at 384 px for S..XL. (The ImageNet-22K pretraining
+# checkpoints are left out: their head size is not stated there.)
+_HUB_ID = "DingXiaoH/UniRepLKNet"
+_IN1K = {"unireplknet_a": "unireplknet_a_in1k_224_acc77.03.pth", "unireplknet_f": "unireplknet_f_in1k_224_acc78.58.pth",
+         "unireplknet_p": "unireplknet_p_in1k_224_acc80.23.pth", "unireplknet_n": "unireplknet_n_in1k_224_acc81.64.pth",
+         "unireplknet_t": "unireplknet_t_in1k_224_acc83.21.pth", "unireplknet_s": "unireplknet_s_in1k_224_acc83.91.pth"}
+_IN22K_FT_IN1K_384 = {"unireplknet_s": "unireplknet_s_in22k_to_in1k_384_acc86.44.pth",
+                      "unireplknet_b": "unireplknet_b_in22k_to_in1k_384_acc87.40.pth",
+                      "unireplknet_l": "unireplknet_l_in22k_to_in1k_384_acc87.88.pth",
+                      "unireplknet_xl": "unireplknet_xl_in22k_to_in1k_384_acc87.96.pth"}
+default_cfgs = generate_default_cfgs({
+    **{f"{name}.in1k": image_cfg(hf_hub_id=_HUB_ID, hf_hub_filename=file, license="apache-2.0")
+       for name, file in _IN1K.items()},
+    **{f"{name}.in22k_ft_in1k_384": image_cfg(hf_hub_id=_HUB_ID, hf_hub_filename=file, license="apache-2.0",
+                                              input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
+       for name, file in _IN22K_FT_IN1K_384.items()},
+})
 
 
 @register_model

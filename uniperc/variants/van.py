@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from ..backbone import UniPercNet
-from ._builder import build_variant, image_cfg
+from ._builder import adapted_by_timm, build_variant, image_cfg
 from ..convert import prepare_state_dict, register_converter, rename_keys
 from ..layers import StridedConv2d, register_downsample, register_stem
 from ..reparam import fuse_bn
@@ -85,7 +85,7 @@ def convert_official_van(state_dict) -> dict[str, torch.Tensor]:
 
 def checkpoint_filter_fn(state_dict, model):
     """timm ``pretrained_filter_fn``: official or uniperc, train-time or deploy form."""
-    return prepare_state_dict(model, state_dict, "van")
+    return prepare_state_dict(model, state_dict, "van", ignore=adapted_by_timm(model))
 
 
 def _create_van(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
@@ -95,7 +95,15 @@ def _create_van(variant: str, pretrained: bool = False, **kwargs) -> UniPercNet:
     return build_variant(variant, pretrained, checkpoint_filter_fn, model_args, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({f"{name}.untrained": image_cfg(license="apache-2.0") for name in MODEL_ARGS})
+# The official ImageNet-1K release (``model_urls`` of the official VAN-Classification code).
+_URLS = {
+    "van_b0": "https://huggingface.co/Visual-Attention-Network/VAN-Tiny-original/resolve/main/van_tiny_754.pth.tar",
+    "van_b1": "https://huggingface.co/Visual-Attention-Network/VAN-Small-original/resolve/main/van_small_811.pth.tar",
+    "van_b2": "https://huggingface.co/Visual-Attention-Network/VAN-Base-original/resolve/main/van_base_828.pth.tar",
+    "van_b3": "https://huggingface.co/Visual-Attention-Network/VAN-Large-original/resolve/main/van_large_839.pth.tar",
+}
+default_cfgs = generate_default_cfgs({f"{name}.in1k": image_cfg(url=_URLS[name], license="apache-2.0")
+                                      for name in MODEL_ARGS})
 
 
 @register_model
