@@ -8,7 +8,8 @@ farthest-point down-sampling to ``num_points``. The raw row stores these points 
 
 Adapter (every access, torch only): training augmentation (random rotation about the ``z`` axis, or a
 uniformly random 3-D rotation with ``rotation="so3"``, anisotropic scale 0.8-1.25, jitter sigma 0.01 clipped at 0.05, random drop of up to
-``max_dropout`` of the points) -> re-normalisation to the unit sphere -> orthographic projection onto
+``max_dropout`` of the points) -> with ``align="pca"`` (the demo's setting) a turn into the cloud's principal
+axes (:func:`principal_axes`) -> re-normalisation to the unit sphere -> orthographic projection onto
 ``views`` fixed cameras placed on a ring at ``elevation`` degrees (MVCNN's set-up) -> per view a depth
 image (1 = nearest to the camera, 0 = background, max-reduced per pixel with
 ``torch.Tensor.scatter_reduce`` — no torch_scatter) and, for ``normal_mode``: ``"shading"`` one channel
@@ -295,13 +296,16 @@ class PointCloudModality(Modality):
             "projection": "fixed",  # "fixed" depth maps | "points" for LearnedProjection
             "max_dropout": 0.5,
             "rotation": "z",  # "z": about the up axis (ModelNet is stored upright) | "so3": any 3-D rotation
+            "align": "none",  # "none" | "pca": turn each cloud into its principal axes before projecting
             "val_fraction": 0.1,
         }
 
     def demo_config(self) -> dict:
         """The demo's shapes are stored in uniformly random 3-D orientations, so training rotates in 3-D too
-        (rotating about z alone covers a sliver of the poses the test clouds come in)."""
-        return self.config(rotation="so3")
+        (rotating about z alone covers a sliver of the poses the test clouds come in), and every cloud is turned
+        into its principal axes, so the fixed cameras see an elongated or flat shape from the same sides whatever
+        its stored pose."""
+        return self.config(rotation="so3", align="pca")
 
     def validate_config(self, cfg):
         if cfg["normal_mode"] not in NORMAL_CHANNELS:
@@ -312,6 +316,8 @@ class PointCloudModality(Modality):
             raise ValueError(f"point_cloud: projection must be 'fixed' or 'points', got {cfg['projection']!r}")
         if cfg["rotation"] not in ("z", "so3"):
             raise ValueError(f"point_cloud: rotation must be 'z' or 'so3', got {cfg['rotation']!r}")
+        if cfg["align"] not in ("none", "pca"):
+            raise ValueError(f"point_cloud: align must be 'none' or 'pca', got {cfg['align']!r}")
         for key in ("num_points", "image_size", "views"):
             if int(cfg[key]) < 1:
                 raise ValueError(f"point_cloud: {key} must be >= 1, got {cfg[key]}")
@@ -365,6 +371,8 @@ class PointCloudModality(Modality):
         if train:
             p, nvec = _augment(p, nvec, cfg["max_dropout"], cfg["rotation"])
         p = p - p.mean(0)
+        if cfg["align"] == "pca":
+            p, nvec = principal_axes(p, nvec)
         p = p / p.norm(dim=1).max().clamp_min(1e-8)
         if cfg["projection"] == "points":
             keep = torch.arange(cfg["num_points"]) % len(p)  # fixed N: repeat points of smaller clouds
@@ -473,6 +481,21 @@ def random_rotation(kind: str) -> torch.Tensor:
     theta = float(torch.rand(()) * 2 * math.pi)
     c, s = math.cos(theta), math.sin(theta)
     return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def principal_axes(p: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A centred cloud (and its normals) in the frame of its principal axes, largest variance first, each axis
+    pointing to the side where the cloud has its longer tail (sign of the third moment: a cone's tip).
+
+    The frame may be a reflection of the stored pose; no shape class here depends on handedness. Where two
+    variances are equal (a cylinder's cross-section, a cube, a sphere) those axes are arbitrary within their
+    plane, which the training rotations cover.
+    """
+    _, vectors = torch.linalg.eigh(p.T @ p)  # ascending eigenvalues
+    axes = vectors.flip(1)
+    sign = torch.sign(((p @ axes) ** 3).sum(0))
+    axes = axes * torch.where(sign == 0, torch.ones_like(sign), sign)
+    return p @ axes, n @ axes
 
 
 def _augment(p: torch.Tensor, n: torch.Tensor, max_dropout: float, rotation: str = "z"):

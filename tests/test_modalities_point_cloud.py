@@ -157,3 +157,31 @@ def test_so3_rotation_is_a_rotation_and_leaves_the_z_axis():
     assert m.demo_config()["rotation"] == "so3" and m.default_config()["rotation"] == "z"
     with pytest.raises(ValueError, match="rotation"):
         m.config(rotation="xyz")
+
+
+def test_principal_axes_make_the_projection_independent_of_the_stored_pose():
+    from uniperc.modalities.point_cloud import principal_axes, random_rotation
+
+    torch.manual_seed(0)
+    p = torch.randn(600, 3) * torch.tensor([2.0, 1.0, 0.4])
+    p[:, 0] += 0.6 * p[:, 0].abs()  # a longer tail on one side fixes the first axis' sign
+    p = p - p.mean(0)
+    n = torch.nn.functional.normalize(torch.randn(600, 3), dim=1)
+    ref, ref_n = principal_axes(p, n)
+    assert torch.allclose(ref.var(0), ref.var(0).sort(descending=True).values)  # largest variance first
+    assert ((ref[:, 0] ** 3).sum() > 0) and torch.allclose(ref.norm(dim=1), p.norm(dim=1), atol=1e-5)
+    cfg = m.config(align="pca", image_size=16, max_dropout=0.0)
+    raw = {"points": p.numpy(), "normals": n.numpy()}
+    image = m.to_input(raw, cfg, train=False)
+    for _ in range(5):
+        r = random_rotation("so3")
+        turned, turned_n = principal_axes(p @ r.T, n @ r.T)
+        assert torch.allclose(turned, ref, atol=1e-4) and torch.allclose(turned_n, ref_n, atol=1e-4)
+        rotated = {"points": (p @ r.T).numpy(), "normals": (n @ r.T).numpy()}
+        # the same picture up to float rounding of the depths; unaligned pictures differ
+        assert (m.to_input(rotated, cfg, train=False) - image).abs().mean() < 1e-4
+        unaligned = m.config(align="none", image_size=16)
+        assert (m.to_input(rotated, unaligned, train=False) - m.to_input(raw, unaligned, train=False)).abs().mean() > 0.05
+    assert m.demo_config()["align"] == "pca" and m.default_config()["align"] == "none"
+    with pytest.raises(ValueError, match="align"):
+        m.config(align="ica")
