@@ -37,13 +37,15 @@ def load_task(name: str, source: str, config: dict | None, path=None, demo: dict
     (``head`` / ``residual`` as in ``modalities.<name>.head`` / ``.residual``)."""
     import uniperc.modalities as modalities
 
+    from .tasks import get_task
+
     m = modalities.get(name)
     kwargs = dict(demo or {}) if source == "demo" else {}
     dsd = m.load(source=source, path=path, cfg=config, seed=seed, **kwargs)
     fitted = m.fitted_config(dsd)
     # a modality whose task depends on its config (weather: forecasting, or classification of a label variable)
     task = m.task_for(fitted)
-    field_shape = m.field_shape(fitted) if task == "regression" else None
+    field_shape = m.field_shape(fitted) if "dense" in get_task(task).heads else None
     head, residual = _head_choice(name, head, residual, field_shape, m.persistence_channels(fitted))
     return TaskData(name=name, task=task, in_chans=m.in_chans(fitted), input_size=tuple(m.input_size(fitted)),
                     num_outputs=m.num_outputs(dsd), output_names=m.label_names(dsd), adapter_config=fitted,
