@@ -43,6 +43,11 @@ class Task:
         """What the outputs predict (probabilities, values), same shape as ``outputs``."""
         return outputs.float()
 
+    def labels_from(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The labels ``outputs`` predict, in the adapter's label format: what a perfect model is scored against
+        (the contract tests in ``tests/test_tasks.py`` train and score every registered task on them)."""
+        raise NotImplementedError
+
     def metrics(self, outputs: torch.Tensor, labels: torch.Tensor,
                 output_names: Sequence[str] | None = None) -> dict[str, float]:
         """Metrics over a whole evaluated set (gathered outputs, not batch means); holds :attr:`primary_metric`."""

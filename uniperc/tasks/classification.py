@@ -28,6 +28,9 @@ class Classification(Task):
     def predict(self, outputs):
         return outputs.float().softmax(-1)
 
+    def labels_from(self, outputs):
+        return outputs.argmax(-1)
+
     def metrics(self, outputs, labels, output_names=None):
         outputs = detached_scores(outputs)
         labels = labels.detach().long().cpu().reshape(-1)

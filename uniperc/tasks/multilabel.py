@@ -25,6 +25,9 @@ class MultiLabel(Task):
     def predict(self, outputs):
         return outputs.float().sigmoid()
 
+    def labels_from(self, outputs):
+        return (outputs > 0).float()
+
     def metrics(self, outputs, labels, output_names=None):
         from sklearn.metrics import average_precision_score
 

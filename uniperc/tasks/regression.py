@@ -27,6 +27,9 @@ class Regression(Task):
         err = torch.where(valid, outputs - target.nan_to_num(0.0, 0.0, 0.0), 0.0)
         return err.pow(2).sum() / valid.sum().clamp(min=1)
 
+    def labels_from(self, outputs):
+        return outputs.float()
+
     def metrics(self, outputs, labels, output_names=None):
         outputs = detached_scores(outputs)
         y = labels.detach().float().cpu().reshape(outputs.shape)
