@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from uniperc.multimodal import MultiModalNet
 from uniperc.tasks import Task, get_task, list_tasks, register_task
 from uniperc.tasks import registry
+from uniperc.tasks.base import detached_scores
 
 TINY = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), kernel_sizes=(3, 5, 5, 5))
 NAMES = list("abcd")
@@ -91,8 +92,8 @@ def test_a_name_cannot_be_registered_twice(monkeypatch):
 
 
 def test_a_new_task_is_one_class(monkeypatch, tmp_path):
-    """A binary task defined here (nothing else edited) passes the contract and trains through MultiModalNet's
-    head, loss and metrics; the registry is restored afterwards."""
+    """The binary task of docs/training.md ("Adding a task"), defined here with nothing else edited, passes the
+    contract and trains through MultiModalNet's head, loss and metrics; the registry is restored afterwards."""
     monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
 
     @register_task("binary")
@@ -109,8 +110,8 @@ def test_a_new_task_is_one_class(monkeypatch, tmp_path):
             return (outputs[:, 0] > 0).long()
 
         def metrics(self, outputs, labels, output_names=None):
-            hit = (outputs[:, 0] > 0).long() == labels.reshape(-1)
-            return {"accuracy": 100.0 * hit.float().mean().item()}
+            outputs = detached_scores(outputs)
+            return {"accuracy": 100.0 * ((outputs[:, 0] > 0).long() == labels.reshape(-1)).float().mean().item()}
 
         def postprocess(self, prediction, output_names, top_k=3):
             return {"probability": float(prediction[0])}
