@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 
+from .tasks import get_task
+
 
 def extra_test_splits(splits) -> list[str]:
     """The extra evaluation splits (``test_<name>``, e.g. audio's ``test_festival``) beyond train/validation/test:
@@ -18,7 +20,7 @@ class TaskData:
     """One modality's data and what the model needs to know about it."""
 
     name: str
-    task: str
+    task: str                      # a uniperc.tasks name (the registry holds its loss, metrics, ...)
     in_chans: int
     input_size: tuple[int, int]
     num_outputs: int
@@ -36,8 +38,6 @@ def load_task(name: str, source: str, config: dict | None, path=None, demo: dict
     demo-set size knobs) with what the model needs to know about it, including the head its target takes
     (``head`` / ``residual`` as in ``modalities.<name>.head`` / ``.residual``)."""
     import uniperc.modalities as modalities
-
-    from .tasks import get_task
 
     m = modalities.get(name)
     kwargs = dict(demo or {}) if source == "demo" else {}
