@@ -53,6 +53,7 @@ def check_contract(task_name: str, head: str, tmp_path) -> None:
     p_best, p_rand = best[task.primary_metric], rand[task.primary_metric]
     assert (p_best > p_rand) if task.higher_is_better else (p_best < p_rand)
     assert task.did_not_learn(best, {}) is None
+    assert "model" in task.baseline_summary("test m", [("model", best), ("random", rand)])
 
     # predict's result, the evaluate report and the baselines' empty default are JSON / text
     with torch.no_grad():

@@ -48,20 +48,13 @@ def persistence_and_climatology(data, splits: list[str], task) -> dict[str, dict
     return out
 
 
-def describe(name: str, split: str, metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
-    """The model's headline numbers beside its baselines' (MSE and RMSE per variable, or top-1), one line each."""
+def describe(name: str, split: str, metrics: dict[str, float], baselines: dict[str, dict[str, float]],
+             task: str) -> str:
+    """The model's headline numbers beside its baselines', as ``task`` prints them (top-1, or MSE and RMSE per
+    variable)."""
     if not baselines:
         return f"{split} {name}: no baseline for this task"
-    columns = [("model", metrics)] + list(baselines.items())
-    if "top1" in metrics:
-        return f"{split} {name} top-1: " + " | ".join(f"{label} {m['top1']:.2f}%" for label, m in columns)
-    groups = [""] + sorted(k[len("mse/"):] for k in metrics if k.startswith("mse/"))
-    lines = [f"{split} {name} vs baselines (MSE / RMSE, normalised units):"]
-    for g in groups:
-        suffix = f"/{g}" if g else ""
-        lines.append(f"  {g or 'all':>10}: " + " | ".join(
-            f"{label} {m['mse' + suffix]:.4g} / {m['rmse' + suffix]:.4g}" for label, m in columns))
-    return "\n".join(lines)
+    return get_task(task).baseline_summary(f"{split} {name}", [("model", metrics)] + list(baselines.items()))
 
 
 def _raw_labels(split) -> list[int]:

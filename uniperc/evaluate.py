@@ -61,7 +61,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
         accelerator.print(f"{name} {split} ({len(labels)} samples, {src}): "
                           + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         baselines = compute_baselines(data, [split])[split]
-        accelerator.print(describe(name, split, metrics, baselines))
+        accelerator.print(describe(name, split, metrics, baselines, spec["task"]))
         if accelerator.is_main_process:
             out_dir.mkdir(parents=True, exist_ok=True)
             report = {"modality": name, "split": split, "source": src, "path": src_path,

@@ -65,6 +65,11 @@ class Task:
         """``{split: {baseline: metrics}}`` of what needs no learning (:mod:`uniperc.baselines`); none by default."""
         return {s: {} for s in splits}
 
+    def baseline_summary(self, title: str, columns: list[tuple[str, dict[str, float]]]) -> str:
+        """``title``, then the primary metric of each ``(label, metrics)`` column (the model, its baselines)."""
+        key = self.primary_metric
+        return f"{title} {key}: " + " | ".join(f"{label} {m[key]:.4g}{self.unit}" for label, m in columns if key in m)
+
     def did_not_learn(self, metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -> str | None:
         """Why ``metrics`` show a model that learnt nothing (compared with ``baselines``), or ``None``."""
         return None

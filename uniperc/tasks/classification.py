@@ -50,6 +50,9 @@ class Classification(Task):
 
         return chance_and_majority(data, splits)
 
+    def baseline_summary(self, title, columns):
+        return f"{title} top-1: " + " | ".join(f"{label} {m['top1']:.2f}%" for label, m in columns)
+
     def did_not_learn(self, metrics, baselines):
         chance = baselines.get("chance", {}).get("top1")
         if chance is not None and metrics["top1"] <= 1.2 * chance:

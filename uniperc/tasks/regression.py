@@ -63,6 +63,17 @@ class Regression(Task):
 
         return persistence_and_climatology(data, splits, self)
 
+    def baseline_summary(self, title, columns):
+        """MSE / RMSE overall and per variable, one line each."""
+        metrics = columns[0][1]
+        groups = [""] + sorted(k[len("mse/"):] for k in metrics if k.startswith("mse/"))
+        lines = [f"{title} vs baselines (MSE / RMSE, normalised units):"]
+        for g in groups:
+            suffix = f"/{g}" if g else ""
+            lines.append(f"  {g or 'all':>10}: " + " | ".join(
+                f"{label} {m['mse' + suffix]:.4g} / {m['rmse' + suffix]:.4g}" for label, m in columns))
+        return "\n".join(lines)
+
     def did_not_learn(self, metrics, baselines):
         persistence = baselines.get("persistence", {}).get("mse")
         if persistence is not None and metrics["mse"] >= persistence:

@@ -511,7 +511,7 @@ def export_and_summarise(s: Session, results: dict) -> dict:
         + f" ({state['global_step']} steps, {elapsed:.0f} s training; model exported to {out_dir / runs.EXPORT_DIR})")
     for split in ["test"] + [sp for sp in results if sp not in ("validation", "test")]:
         for n in results[split]:
-            acc.print(describe(n, split, results[split][n], baselines[split][n]))
+            acc.print(describe(n, split, results[split][n], baselines[split][n], s.tasks[n].task))
     for line in not_learning_warnings(s.tasks, results["test"], baselines["test"]):
         acc.print(line)
     return summary
