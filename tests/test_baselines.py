@@ -40,7 +40,7 @@ def test_persistence_and_climatology_of_a_linear_trend():
         assert clim["mse/a"] == pytest.approx((target - 7.5) ** 2 / var_a, rel=1e-5)  # train targets 2..13: mean 7.5
         assert pers["mse/b"] == pytest.approx(0, abs=1e-10) and clim["mse/b"] == pytest.approx(0, abs=1e-10)
         assert pers["mse"] == pytest.approx(pers["mse/a"] / 2) and pers["rmse"] == pytest.approx(pers["mse"] ** 0.5)
-    text = describe("weather", "test", dict(out["test"]["persistence"]), out["test"])
+    text = describe("weather", "test", dict(out["test"]["persistence"]), out["test"], "regression")
     assert "persistence 0.0411 " in text and "climatology" in text and "a:" in text.replace(" ", "")
 
 
@@ -69,5 +69,5 @@ def test_chance_and_majority_class():
     assert out["validation"]["chance"]["top1"] == pytest.approx(100 / 3)
     assert out["validation"]["majority"]["top1"] == pytest.approx(25.0)  # class 0 (train's most frequent): 1 of 4
     assert out["test"]["majority"]["top1"] == pytest.approx(50.0)
-    text = describe("image", "test", {"top1": 90.0}, out["test"])
+    text = describe("image", "test", {"top1": 90.0}, out["test"], "classification")
     assert text == "test image top-1: model 90.00% | chance 33.33% | majority 50.00%"

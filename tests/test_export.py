@@ -40,7 +40,7 @@ def test_multimodal_export_roundtrip(tmp_path):
         out = loaded(xa, "audio"), loaded(xi, "image")
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert loaded.tasks["audio"]["output_names"] == list("abcde") and loaded.heads["image"].task == "multilabel"
+    assert loaded.tasks["audio"]["output_names"] == list("abcde") and loaded.heads["image"].task.name == "multilabel"
     assert not (tmp_path / "config.json").exists()  # two stems: not one timm model
 
 

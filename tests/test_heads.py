@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score
 
-from uniperc.heads import TaskHead, confusion_matrix, task_metrics
+from uniperc.heads import TaskHead
+from uniperc.tasks import get_task
+from uniperc.tasks.classification import confusion_matrix
+
+
+def task_metrics(task, outputs, labels, output_names=None):
+    return get_task(task).metrics(outputs, labels, output_names)
 
 
 def test_classification_topk_and_label_smoothing():

@@ -5,10 +5,10 @@
 * regression (forecasting): ``climatology`` (every target value's mean over the train split: for a forecast,
   the mean field of each variable at each lead step) and, where the modality can read the last observed step
   from an input (:meth:`uniperc.modalities.base.Modality.last_step`, e.g. weather), ``persistence`` (that step
-  repeated over the horizon). They are scored by :func:`uniperc.heads.task_metrics`, exactly like the model
+  repeated over the horizon). They are scored by the regression task's metrics, exactly like the model
   (MSE, RMSE, MAE, overall and per variable; masked NaN targets left out), on the same normalised targets.
 
-Multi-label tasks have no baseline here.
+Each task names its baselines (:meth:`uniperc.tasks.Task.trivial_baselines`); multi-label tasks have none.
 """
 from __future__ import annotations
 
@@ -17,47 +17,44 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .heads import task_metrics
-
-BASELINES = {"classification": ("chance", "majority"), "regression": ("persistence", "climatology")}
+from .tasks import get_task
 
 
 def compute(data, splits: Iterable[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{split: {baseline: metrics}}`` for one modality's :class:`~uniperc.data.TaskData`."""
-    splits = list(splits)
-    if data.task == "classification":
-        train = np.asarray(_raw_labels(data.splits["train"]))
-        majority = int(np.bincount(train, minlength=data.num_outputs).argmax())
-        return {s: {"chance": {"top1": 100.0 / data.num_outputs},
-                    "majority": {"top1": 100.0 * float(np.mean(np.asarray(_raw_labels(data.splits[s])) == majority))}}
-                for s in splits}
-    if data.task != "regression":
-        return {s: {} for s in splits}
+    """``{split: {baseline: metrics}}`` for one modality's :class:`~uniperc.data.TaskData` (its task says which)."""
+    return get_task(data.task).trivial_baselines(data, list(splits))
+
+
+def chance_and_majority(data, splits: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Classification's baselines: top-1 of guessing, and of always answering the train split's commonest class."""
+    train = np.asarray(_raw_labels(data.splits["train"]))
+    majority = int(np.bincount(train, minlength=data.num_outputs).argmax())
+    return {s: {"chance": {"top1": 100.0 / data.num_outputs},
+                "majority": {"top1": 100.0 * float(np.mean(np.asarray(_raw_labels(data.splits[s])) == majority))}}
+            for s in splits}
+
+
+def persistence_and_climatology(data, splits: list[str], task) -> dict[str, dict[str, dict[str, float]]]:
+    """Regression's baselines, scored by ``task``'s own metrics, as the model is (persistence only where the
+    modality can read the last observed step from an input)."""
     climatology = _nanmean_targets(data)
     out = {}
     for s in splits:
         persistence, labels = _persistence_and_labels(data, s)
         out[s] = {}
         if persistence is not None:
-            out[s]["persistence"] = task_metrics("regression", persistence, labels, data.output_names)
-        out[s]["climatology"] = task_metrics("regression", climatology.expand_as(labels), labels, data.output_names)
+            out[s]["persistence"] = task.metrics(persistence, labels, data.output_names)
+        out[s]["climatology"] = task.metrics(climatology.expand_as(labels), labels, data.output_names)
     return out
 
 
-def describe(name: str, split: str, metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
-    """The model's headline numbers beside its baselines' (MSE and RMSE per variable, or top-1), one line each."""
+def describe(name: str, split: str, metrics: dict[str, float], baselines: dict[str, dict[str, float]],
+             task: str) -> str:
+    """The model's headline numbers beside its baselines', as ``task`` prints them (top-1, or MSE and RMSE per
+    variable)."""
     if not baselines:
         return f"{split} {name}: no baseline for this task"
-    columns = [("model", metrics)] + list(baselines.items())
-    if "top1" in metrics:
-        return f"{split} {name} top-1: " + " | ".join(f"{label} {m['top1']:.2f}%" for label, m in columns)
-    groups = [""] + sorted(k[len("mse/"):] for k in metrics if k.startswith("mse/"))
-    lines = [f"{split} {name} vs baselines (MSE / RMSE, normalised units):"]
-    for g in groups:
-        suffix = f"/{g}" if g else ""
-        lines.append(f"  {g or 'all':>10}: " + " | ".join(
-            f"{label} {m['mse' + suffix]:.4g} / {m['rmse' + suffix]:.4g}" for label, m in columns))
-    return "\n".join(lines)
+    return get_task(task).baseline_summary(f"{split} {name}", [("model", metrics)] + list(baselines.items()))
 
 
 def _raw_labels(split) -> list[int]:

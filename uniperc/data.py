@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 
+from .tasks import get_task
+
 
 def extra_test_splits(splits) -> list[str]:
     """The extra evaluation splits (``test_<name>``, e.g. audio's ``test_festival``) beyond train/validation/test:
@@ -18,7 +20,7 @@ class TaskData:
     """One modality's data and what the model needs to know about it."""
 
     name: str
-    task: str
+    task: str                      # a uniperc.tasks name (the registry holds its loss, metrics, ...)
     in_chans: int
     input_size: tuple[int, int]
     num_outputs: int
@@ -43,7 +45,7 @@ def load_task(name: str, source: str, config: dict | None, path=None, demo: dict
     fitted = m.fitted_config(dsd)
     # a modality whose task depends on its config (weather: forecasting, or classification of a label variable)
     task = m.task_for(fitted)
-    field_shape = m.field_shape(fitted) if task == "regression" else None
+    field_shape = m.field_shape(fitted) if "dense" in get_task(task).heads else None
     head, residual = _head_choice(name, head, residual, field_shape, m.persistence_channels(fitted))
     return TaskData(name=name, task=task, in_chans=m.in_chans(fitted), input_size=tuple(m.input_size(fitted)),
                     num_outputs=m.num_outputs(dsd), output_names=m.label_names(dsd), adapter_config=fitted,

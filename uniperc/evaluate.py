@@ -4,8 +4,9 @@ For each of the model's modalities (or ``--modality``) it loads the split (defau
 evaluation split the data has, e.g. the audio demo's ``test_festival``: a synthesiser never heard in training;
 the data source
 of the training config unless ``--source``/``--path`` say otherwise) with the adapter config saved at training
-time, prints the metrics, and writes ``eval_<modality>_<split>.json`` plus, for classification, a
-confusion-matrix PNG into ``--output`` (default: the checkpoint directory). The trivial baselines
+time, prints the metrics, and writes ``eval_<modality>_<split>.json`` plus what the task adds to it
+(:meth:`uniperc.tasks.Task.report`: for classification a confusion matrix and its PNG) into ``--output``
+(default: the checkpoint directory). The trivial baselines
 (:mod:`uniperc.baselines`: chance / majority class, or persistence / climatology) are printed and written beside
 the model's metrics. Runs under ``accelerate launch`` too
 (the split is sharded and the outputs gathered).
@@ -16,32 +17,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
-
-def plot_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str) -> Path:
-    """Row-normalised confusion matrix with the counts written in the cells."""
-    from matplotlib.figure import Figure  # no pyplot: never switches a notebook's backend
-
-    n = len(names)
-    size = max(4.0, 0.45 * n + 2)
-    fig = Figure(figsize=(size, size))
-    ax = fig.subplots()
-    rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), names, rotation=90)
-    ax.set_yticks(range(n), names)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    if n <= 40:
-        for i in range(n):
-            for j in range(n):
-                if matrix[i, j]:
-                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if rates[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
-
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str | None = None,
                         path: str | None = None, modality: str | None = None, output: str | Path | None = None,
@@ -51,7 +26,6 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
 
     from .baselines import compute as compute_baselines, describe
     from .data import load_task, make_loader
-    from .heads import confusion_matrix
     from .predict import load_any
     from .scoring import evaluate
 
@@ -87,17 +61,12 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
         accelerator.print(f"{name} {split} ({len(labels)} samples, {src}): "
                           + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         baselines = compute_baselines(data, [split])[split]
-        accelerator.print(describe(name, split, metrics, baselines))
+        accelerator.print(describe(name, split, metrics, baselines, spec["task"]))
         if accelerator.is_main_process:
             out_dir.mkdir(parents=True, exist_ok=True)
             report = {"modality": name, "split": split, "source": src, "path": src_path,
                       "checkpoint": str(checkpoint), "samples": len(labels), "metrics": metrics, "baselines": baselines}
-            if spec["task"] == "classification":
-                matrix = confusion_matrix(outputs, labels, spec["num_outputs"])
-                report["confusion_matrix"] = matrix.tolist()
-                report["confusion_png"] = str(plot_confusion(
-                    matrix, spec["output_names"], out_dir / f"confusion_{name}_{split}.png",
-                    f"{name} {split}: top-1 {metrics['top1']:.2f}%"))
+            report.update(head.task.report(outputs, labels, head.output_names, metrics, out_dir, name, split))
             (out_dir / f"eval_{name}_{split}.json").write_text(json.dumps(report, indent=1))
     return results
 

@@ -27,10 +27,11 @@ class MultiModalNet(nn.Module):
 
     Args:
         backbone: a timm model name registered by uniperc (e.g. ``"unireplknet_a"``).
-        tasks: per modality ``{"in_chans": int, "task": str, "num_outputs": int, "label_smoothing": float,
-            "output_names": list | None}``; the dict order is the order of stems and heads. A field target adds
-            ``"head": "dense"``, ``"target_shape": [C, H, W]`` and ``"residual_channels": list | None`` (see
-            :class:`~uniperc.heads.DenseHead`); ``"head"`` defaults to ``"pooled"``.
+        tasks: per modality ``{"in_chans": int, "task": str (a :func:`uniperc.tasks.list_tasks` name),
+            "num_outputs": int, "label_smoothing": float, "output_names": list | None}``; the dict order is the
+            order of stems and heads. A field target adds ``"head": "dense"``, ``"target_shape": [C, H, W]`` and
+            ``"residual_channels": list | None`` (see :class:`~uniperc.heads.DenseHead`); ``"head"`` defaults to
+            ``"pooled"`` and must be one of the task's ``heads``.
         backbone_kwargs: passed to ``timm.create_model`` (``dims``, ``depths``, ``mixer``, ``kernel_sizes``,
             ``drop_path_rate``, ``drop_rate``, ...).
     """
@@ -61,11 +62,12 @@ class MultiModalNet(nn.Module):
             if kind not in HEADS:
                 raise ValueError(f"tasks[{name!r}]['head'] must be one of {HEADS}, got {kind!r}")
             if kind == "dense":
-                if spec["task"] != "regression" or not spec.get("target_shape"):
-                    raise ValueError(f"tasks[{name!r}]: a dense head needs a regression task with a target_shape")
+                if not spec.get("target_shape"):
+                    raise ValueError(f"tasks[{name!r}]: a dense head needs a target_shape")
                 self.heads[name] = DenseHead(
                     [f["num_chs"] for f in net.feature_info], int(spec["in_chans"]), spec["target_shape"],
-                    residual_channels=spec.get("residual_channels"), output_names=spec.get("output_names"))
+                    residual_channels=spec.get("residual_channels"), output_names=spec.get("output_names"),
+                    task=spec["task"])
                 continue
             self.heads[name] = TaskHead(
                 self.num_features, int(spec["num_outputs"]), task=spec["task"], norm=self.head_norm,

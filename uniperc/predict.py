@@ -64,7 +64,8 @@ def modality_for(path: Path, model: MultiModalNet, forced: str | None = None) ->
 
 @torch.no_grad()
 def predict_files(model: MultiModalNet, files: list[str | Path], modality: str | None = None, top_k: int = 3) -> list[dict]:
-    """One result dict per file: modality, and the top classes with probabilities (or regression values)."""
+    """One result dict per file: file, modality, task, and what the task makes of the outputs
+    (:meth:`uniperc.tasks.Task.postprocess`: the top classes with probabilities, or the regression values)."""
     import uniperc.modalities as modalities
 
     results = []
@@ -73,19 +74,10 @@ def predict_files(model: MultiModalNet, files: list[str | Path], modality: str |
         name = modality_for(f, model, modality)
         spec = model.tasks[name]
         x = modalities.get(name).read_file(f, spec.get("adapter_config"))
-        probs = model.heads[name].predict(model(x[None].to(next(model.parameters()).device), modality=name))[0]
-        labels = spec["output_names"]
-        row = {"file": str(f), "modality": name, "task": spec["task"]}
-        if spec["task"] == "classification":
-            p, idx = probs.topk(min(top_k, probs.numel()))
-            row["top"] = [{"label": labels[i], "probability": float(q)} for q, i in zip(p.tolist(), idx.tolist())]
-        elif spec["task"] == "multilabel":
-            row["labels"] = {labels[i]: float(q) for i, q in enumerate(probs.tolist()) if q >= 0.5}
-            row["probabilities"] = {labels[i]: float(q) for i, q in enumerate(probs.tolist())}
-        else:  # per named variable: the mean of its outputs (a forecast field has many per variable)
-            groups = probs.reshape(len(labels), -1)
-            row["values"] = {name: float(g.mean()) for name, g in zip(labels, groups)}
-            row["outputs"] = probs.tolist()
+        head = model.heads[name]
+        prediction = head.predict(model(x[None].to(next(model.parameters()).device), modality=name))[0]
+        row = {"file": str(f), "modality": name, "task": spec["task"],
+               **head.task.postprocess(prediction, head.output_names, top_k)}
         results.append(row)
     return results
 
@@ -102,13 +94,8 @@ def main(argv=None):
     for row in predict_files(model, args.files, args.modality, args.top_k):
         if args.json:
             print(json.dumps(row))
-        elif "top" in row:
-            print(f"{row['file']}: " + ", ".join(f"{t['label']} {100 * t['probability']:.1f}%" for t in row["top"]))
-        elif "labels" in row:
-            print(f"{row['file']}: " + (", ".join(f"{k} {100 * v:.1f}%" for k, v in row["labels"].items()) or "(none)"))
         else:
-            print(f"{row['file']}: " + ", ".join(f"{k}={v:.4g}" for k, v in row["values"].items()))
-
+            print(f"{row['file']}: " + model.heads[row["modality"]].task.format_prediction(row))
 
 if __name__ == "__main__":
     try:

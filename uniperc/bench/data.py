@@ -4,7 +4,7 @@ For each modality it builds a small demo set, then measures
 
 * **loader**: samples/s of ``DataLoader(train split, batch_size, num_workers=W)`` — decoding, the
   adapter and train-time augmentation included (the first batch, i.e. worker start-up, is not timed);
-* **train step**: samples/s of one forward + backward + AdamW step of
+* **train step**: samples/s of one forward + backward (the modality's task loss) + AdamW step of
   ``timm.create_model(model, in_chans=C', num_classes=N)`` on a batch of that modality's shape.
 
 The data side is not the bottleneck when ``loader / train >= 1`` (printed as ``headroom``). Both are
@@ -65,12 +65,13 @@ def train_step_rate(model_name: str, batch: dict, num_outputs: int, task: str, s
     import timm
 
     import uniperc  # noqa: F401  (registers the UniPercNet variants in timm)
+    from uniperc.tasks import get_task
 
     x, y = batch["inputs"], batch["labels"]
     model = timm.create_model(model_name, in_chans=x.shape[1], num_classes=num_outputs)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = torch.nn.CrossEntropyLoss() if task == "classification" else torch.nn.MSELoss()
+    loss_fn = get_task(task).loss
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()

@@ -47,20 +47,21 @@ def train_recipe(modalities: list[str] | None, config: str | None, overrides: li
 
 def table_rows(recipe: str, summary: dict) -> list[dict]:
     """One row per modality and evaluated split (test first, then extra ``test_<name>`` splits)."""
-    from uniperc.heads import PRIMARY_METRIC
+    from uniperc.tasks import get_task
 
     rows = []
     for split, per_modality in summary["metrics"].items():
         if split == "validation":
             continue
         for name, metrics in per_modality.items():
-            task = summary["tasks"][name]
-            metric = PRIMARY_METRIC[task["task"]][0]
+            spec = summary["tasks"][name]
+            task = get_task(spec["task"])
+            metric = task.primary_metric
             baselines = summary["baselines"][split][name]
             rows.append({
-                "recipe": recipe, "modality": name if split == "test" else f"{name} ({split})", "task": task["task"],
-                "classes": task["num_outputs"] if task["task"] == "classification" else "-",
-                "metric": f"test {metric}", "model": metrics[metric],
+                "recipe": recipe, "modality": name if split == "test" else f"{name} ({split})", "task": task.name,
+                "classes": spec["num_outputs"] if task.class_outputs else "-",
+                "metric": f"test {metric}", "unit": task.unit, "model": metrics[metric],
                 "baselines": {b: m[metric] for b, m in baselines.items() if metric in m},
                 "train_s": summary["train_seconds"], "wall_s": summary["wall_seconds"]})
     return rows
@@ -70,7 +71,7 @@ def markdown(rows: list[dict]) -> str:
     head = "| recipe | modality | task | classes | metric | model | baseline(s) | train time | wall time |"
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
-        unit = "%" if r["metric"].endswith("top1") else ""
+        unit = r["unit"]
         base = ", ".join(f"{b} {v:.4g}{unit}" for b, v in r["baselines"].items()) or "-"
         lines.append(f"| {r['recipe']} | {r['modality']} | {r['task']} | {r['classes']} | {r['metric']} | "
                      f"{r['model']:.4g}{unit} | {base} | {r['train_s'] / 60:.1f} min | {r['wall_s'] / 60:.1f} min |")

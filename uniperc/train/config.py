@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import yaml
 
 from ..heads import HEADS
+from ..tasks import get_task
 
 
 def _config_dir() -> Path:
@@ -256,9 +257,10 @@ def resolve(config: dict) -> dict:
             m.check_trainable(s["config"])
         except ValueError as e:
             raise ValueError(f"{prefix}config: {e}") from None
-        if s["head"] == "dense" and m.task_for(s["config"]) != "regression":
-            raise ValueError(f"{prefix}head: 'dense' predicts fields, but this {name} task is "
-                             f"{m.task_for(s['config'])} (use 'pooled' or 'auto')")
+        task = get_task(m.task_for(s["config"]))
+        if s["head"] != "auto" and s["head"] not in task.heads:
+            raise ValueError(f"{prefix}head: {s['head']!r} cannot predict this {name} task ({task.name}); "
+                             f"it takes {list(task.heads)} (or 'auto')")
         cfg["modalities"][name] = s
 
     model = cfg["model"]

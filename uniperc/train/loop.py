@@ -21,8 +21,8 @@ import yaml
 
 from .. import runs
 from ..data import TaskData, extra_test_splits, load_task, make_loader
-from ..heads import PRIMARY_METRIC
 from ..scoring import evaluate
+from ..tasks import get_task
 from . import checkpoint as ckpt
 from .config import backbone_kwargs, config_differences, resolve
 from .data import SeededAugment, schedule
@@ -414,7 +414,7 @@ def _validate(s: Session, bar) -> None:
 
 
 def _primary(s: Session, name: str) -> str:
-    return PRIMARY_METRIC[s.tasks[name].task][0]
+    return s.unwrapped.heads[name].task.primary_metric
 
 
 def _check_replicas(s: Session) -> None:
@@ -465,23 +465,16 @@ def _model_for_export(s: Session):
 
 def not_learning_warnings(tasks: dict[str, TaskData], metrics: dict[str, dict],
                           baselines: dict[str, dict]) -> list[str]:
-    """A warning line per task that did not learn: a classification top-1 no better than 1.2x chance, or a
-    forecast no better than persistence (its baseline that needs no learning)."""
+    """A warning line per task that did not learn, as its task judges against its baselines
+    (:meth:`uniperc.tasks.Task.did_not_learn`: e.g. a top-1 no better than 1.2x chance, a forecast no better
+    than persistence)."""
     out = []
     for name, d in tasks.items():
-        m = metrics.get(name)
-        if m is None:
+        if name not in metrics:
             continue
-        if d.task == "classification":
-            chance = 100.0 / d.num_outputs
-            if m["top1"] <= 1.2 * chance:
-                out.append(f"warning: {name} did not learn: test top-1 {m['top1']:.1f}% is at chance level "
-                           f"({chance:.1f}%)")
-        elif "persistence" in baselines.get(name, {}):
-            persistence = baselines[name]["persistence"]["mse"]
-            if m["mse"] >= persistence:
-                out.append(f"warning: {name} did not learn: test MSE {m['mse']:.4g} is no better than persistence "
-                           f"({persistence:.4g})")
+        reason = get_task(d.task).did_not_learn(metrics[name], baselines.get(name, {}))
+        if reason is not None:
+            out.append(f"warning: {name} did not learn: test {reason}")
     return out
 
 
@@ -506,7 +499,7 @@ def export_and_summarise(s: Session, results: dict) -> dict:
     if acc.is_main_process:
         export(final, out_dir / runs.EXPORT_DIR, extra={"train_config": s.cfg})
         plot_curves(state["history"], out_dir / "training_curves.png",
-                    {n: PRIMARY_METRIC[d.task] for n, d in s.tasks.items()})
+                    {n: (h.task.primary_metric, h.task.higher_is_better) for n, h in s.unwrapped.heads.items()})
         (out_dir / "metrics.json").write_text(json.dumps(
             {k: v for k, v in summary.items() if k != "history"}, indent=1))
         (out_dir / "history.json").write_text(json.dumps(state["history"]))
@@ -514,11 +507,11 @@ def export_and_summarise(s: Session, results: dict) -> dict:
     acc.end_training()
     acc.print("final: " + "; ".join(
         f"test {n} {_primary(s, n)}={results['test'][n][_primary(s, n)]:.4g}"
-        + ("%" if s.tasks[n].task != "regression" else "") for n in s.names)
+        + s.unwrapped.heads[n].task.unit for n in s.names)
         + f" ({state['global_step']} steps, {elapsed:.0f} s training; model exported to {out_dir / runs.EXPORT_DIR})")
     for split in ["test"] + [sp for sp in results if sp not in ("validation", "test")]:
         for n in results[split]:
-            acc.print(describe(n, split, results[split][n], baselines[split][n]))
+            acc.print(describe(n, split, results[split][n], baselines[split][n], s.tasks[n].task))
     for line in not_learning_warnings(s.tasks, results["test"], baselines["test"]):
         acc.print(line)
     return summary
