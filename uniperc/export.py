@@ -6,7 +6,9 @@ An export directory holds:
   arguments, and per modality the task, output names, input channels and size, and the fitted adapter config
   that :meth:`modalities.Modality.read_file` needs at prediction time; ``weights`` names the weight file and
   whether its keys are the plain timm model's (``"timm"``) or the :class:`~uniperc.multimodal.MultiModalNet`'s;
-* ``model.safetensors``: the re-parameterised (deploy-form, :func:`uniperc.reparameterize`) weights;
+* ``model.safetensors``: the re-parameterised (deploy-form, :func:`uniperc.reparameterize`) weights, or the
+  train-form weights (``deploy: false``) of a joint model whose BatchNorm statistics are kept per modality, whose
+  deploy form is per modality (:meth:`~uniperc.multimodal.MultiModalNet.deploy_copy`);
 * for a single-modality model with a pooled head, the folder is also a timm model folder in the layout of
   ``timm.models.save_for_hf`` / ``push_to_hf_hub``: ``config.json`` (``architecture``, ``num_classes``,
   ``model_args``, ``pretrained_cfg``, ``label_names``) and ``model.safetensors`` under the plain timm model's
@@ -73,7 +75,7 @@ def save_for_hf(model: torch.nn.Module, directory: str | Path, modality: str | N
     """
     if isinstance(model, MultiModalNet):
         modality = _pooled_modality(model, modality)
-        deployed = reparameterize(copy.deepcopy(model).cpu().float().eval())
+        deployed = model.deploy_copy(modality)
         spec = model.tasks[modality]
         in_chans = int(spec["in_chans"])
         net = timm.create_model(model.backbone_name, in_chans=in_chans, num_classes=int(spec["num_outputs"]),
@@ -94,13 +96,16 @@ def export(model: MultiModalNet, directory: str | Path, extra: dict | None = Non
         raise ValueError(f"export expects a MultiModalNet, got {type(model).__name__}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    spec = {"format": FORMAT, "version": 2, "deploy": True, "backbone": model.backbone_name,
+    # a joint model with BatchNorm statistics per modality has one deploy form per modality, so the whole net is
+    # stored in train form (save_for_hf / export_onnx give each modality's deploy form)
+    deploy = not model.norm_stats_per_modality
+    spec = {"format": FORMAT, "version": 2, "deploy": deploy, "backbone": model.backbone_name,
             "backbone_kwargs": model.backbone_kwargs, "tasks": model.tasks, **(extra or {})}
     if len(model.modalities) == 1 and isinstance(model.heads[model.modalities[0]], TaskHead):
         save_for_hf(model, directory)
         spec["weights"] = {"file": WEIGHTS_FILE, "keys": "timm", "modality": model.modalities[0]}
     else:
-        deployed = reparameterize(copy.deepcopy(model).cpu().float().eval())
+        deployed = model.deploy_copy() if deploy else copy.deepcopy(model).cpu().float().eval()
         save_file(_contiguous(deployed.state_dict()), str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
         (directory / CONFIG_FILE).unlink(missing_ok=True)  # a stale timm config would describe other weights
         spec["weights"] = {"file": WEIGHTS_FILE, "keys": "multimodal"}

@@ -97,7 +97,10 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor,
     except ImportError as e:
         raise RuntimeError(f"ONNX export needs the onnx extra (pip install 'uniperc[onnx]'): {e}") from None
 
-    deployed = reparameterize(copy.deepcopy(model).cpu().float().eval())
+    if modality is not None:  # a MultiModalNet: its deploy form may hold per-modality BatchNorm statistics
+        deployed = model.deploy_copy(modality)
+    else:
+        deployed = reparameterize(copy.deepcopy(model).cpu().float().eval())
     net = _ModalityPath(deployed, modality) if modality is not None else deployed
     x = example_input.detach().cpu().float()
     if dynamic_batch and x.shape[0] == 1:
