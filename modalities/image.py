@@ -77,6 +77,7 @@ class ImageModality(Modality):
     name = "image"
     task = "classification"
     file_extensions = IMAGE_EXTENSIONS
+    input_field = "image"  # a user's dataset: an Image column (or {"bytes", "path"} structs / paths)
     hub = HubSpec(
         name="ILSVRC/imagenet-1k",
         config=None,
