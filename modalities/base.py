@@ -276,8 +276,9 @@ class Modality:
         return ds.select_columns(list(spec.columns)).rename_columns(spec.columns)
 
     # ----------------------------------------------------------------- a user's own dataset
-    input_field: str = ""  # the raw column a user's input column becomes (subclass)
+    input_field: str = ""  # the raw column a user's input column becomes (subclass); "" = no user datasets
     optional_fields: tuple[str, ...] = ()  # raw columns a user's dataset may also map (audio's speaker, ...)
+    needs_label: bool = True  # False where the target can come from the inputs (weather's forecasts)
 
     def dataset_columns(self, columns: dict | None) -> dict:
         """A config's ``columns:`` mapping (``inputs``, ``label``, :attr:`optional_fields`) -> the keyword
@@ -294,6 +295,8 @@ class Modality:
         for key, value in columns.items():
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"columns.{key} must be a column name, got {value!r}")
+        if self.needs_label and not columns.get("label"):
+            raise ValueError(f"columns.label must name the label column ({self.name} classifies)")
         return {"input_column": inputs, "label_column": columns.pop("label", None), **columns}
 
     def load_user_dataset(self, path, cfg: dict | None = None, seed: int = 0, cache_dir=None, name=None,
@@ -314,6 +317,8 @@ class Modality:
         Labels that are not a ``ClassLabel`` become one: the sorted values of train, the same for every
         split; a label another split has but train lacks raises ``ValueError``.
         """
+        if not self.input_field:
+            raise ValueError(f"{self.name}: takes no user dataset yet (the modality sets no input_field)")
         cfg = self.config(cfg)
         chosen = select_splits(dsd, splits, self.name)
         inputs = [input_column] if isinstance(input_column, str) else list(input_column)

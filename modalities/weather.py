@@ -403,6 +403,7 @@ class WeatherModality(Modality):
 
     # ----------------------------------------------------------------- a user's own dataset
     optional_fields = ("time",)
+    needs_label = False
 
     def from_dataset(self, dsd, input_column, label_column=None, splits=None, cfg=None, seed=0, time=None):
         """A table of time steps -> the windows of :meth:`from_xarray` (see :meth:`Modality.from_dataset`).

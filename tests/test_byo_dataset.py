@@ -171,9 +171,24 @@ def test_from_dataset_in_memory_with_mapped_split_names(modality):
     kwargs = {"label_column": cols.pop("label", None), **{k: v for k, v in cols.items() if k != "inputs"}}
     out = m.from_dataset(dsd, cols["inputs"], splits={"train": "fit", "validation": "dev", "test": "heldout"},
                          cfg=tiny_cfg(modality), **kwargs)
-    assert [len(out[s]) for s in ("train", "validation", "test")] == [len(dsd[s]) for s in ("fit", "dev", "heldout")] \
-        or modality == "weather"  # weather rows are windows of the time steps
+    sizes = [len(out[s]) for s in ("train", "validation", "test")]
+    if modality == "weather":  # rows are the windows (history 2 + horizon 1) inside each block of time steps
+        assert sizes == [len(dsd[s]) - 2 for s in ("fit", "dev", "heldout")]
+    else:
+        assert sizes == [len(dsd[s]) for s in ("fit", "dev", "heldout")]
     assert out["validation"][0]["inputs"].ndim == 3
+
+
+def test_class_labels_of_other_splits_are_re_encoded_by_name():
+    m = modalities.get("image")
+    dsd = make_user_dataset("image")
+    dsd["train"] = dsd["train"].cast_column("kind", datasets.ClassLabel(names=["ping", "hum"]))
+    dsd["test"] = dsd["test"].cast_column("kind", datasets.ClassLabel(names=["hum", "ping"]))
+    out = m.from_dataset(dsd, "picture", "kind", cfg=tiny_cfg("image"))
+    assert m.label_names(out) == ["ping", "hum"]  # a ClassLabel keeps its own order
+    test = out["test"].with_format(None)
+    assert [test.features["label"].int2str(y) for y in test["label"]] == dsd["test"].features["kind"].int2str(
+        dsd["test"]["kind"])
 
 
 @pytest.mark.parametrize("modality", ALL)
@@ -226,6 +241,8 @@ def test_trainer_config_validates_the_dataset_keys(tmp_path):
         resolve(cfg())
     with pytest.raises(ValueError, match=r"modalities\.image\.columns: unknown key\(s\) \['normals'\]"):
         resolve(cfg(columns={"inputs": "a", "label": "b", "normals": "n"}))
+    with pytest.raises(ValueError, match=r"modalities\.image\.columns\.label"):
+        resolve(cfg(columns={"inputs": "a"}))
     with pytest.raises(ValueError, match=r"modalities\.image\.splits has unknown key"):
         resolve(cfg(columns={"inputs": "a", "label": "b"}, splits={"training": "a"}))
     with pytest.raises(ValueError, match=r"modalities\.image\.data_files"):
