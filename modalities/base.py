@@ -454,17 +454,17 @@ def open_dataset(path, name: str | None = None, data_files=None, cache_dir=None)
     if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
         dsd = datasets.load_from_disk(path_s)
         return datasets.DatasetDict({"train": dsd}) if isinstance(dsd, datasets.Dataset) else dsd
-    files = sorted(f.suffix for f in p.rglob("*") if f.suffix in (".parquet", ".arrow")) if p.is_dir() else []
-    glob_or_file = any(ch in path_s for ch in "*?[") or p.suffix in (".parquet", ".arrow")
-    if p.is_dir() and not files:
-        raise ValueError(f"dataset folder {path_s!r} holds neither a save_to_disk dataset nor parquet/arrow files")
-    if files or glob_or_file:
-        fmt = (files[-1] if files else Path(path_s.rstrip("*")).suffix or p.suffix).lstrip(".")
-        fmt = fmt if fmt in ("parquet", "arrow") else "parquet"
-        where = {"data_dir": path_s} if p.is_dir() else {"data_files": path_s}
+    if p.is_dir():
+        found = {f.suffix for f in p.rglob("*")} & {".parquet", ".arrow"}
+        if not found:
+            raise ValueError(f"dataset folder {path_s!r} holds neither a save_to_disk dataset nor parquet/arrow files")
+        fmt = "parquet" if ".parquet" in found else "arrow"
+        return datasets.load_dataset(fmt, data_dir=path_s, data_files=data_files, cache_dir=cache_dir)
+    if any(ch in path_s for ch in "*?[") or p.suffix in (".parquet", ".arrow"):
         if data_files is not None:
-            where["data_files"] = data_files
-        return datasets.load_dataset(fmt, cache_dir=cache_dir, **where)
+            raise ValueError(f"dataset path {path_s!r} names files already; give data_files with a folder path")
+        fmt = "arrow" if path_s.endswith(".arrow") else "parquet"
+        return datasets.load_dataset(fmt, data_files=path_s, cache_dir=cache_dir)
     return datasets.load_dataset(path_s, name, data_files=data_files, cache_dir=cache_dir)
 
 

@@ -67,13 +67,15 @@ def _cloud(kind: str, rng, n: int = 64) -> list:
     return p.astype(np.float32).tolist()
 
 
-# per modality: the user's column names, how to build one row's input, its Features, the extra columns mapping
+# per modality: the user's input column, how to build one row's input, its Features, optional columns
+# (raw field -> (the user's column, its value from the input))
 SPECS = {
     "audio": ("clip", lambda y, rng: {"bytes": _wav(300 if y == "ping" else 1200, rng), "path": None},
-              datasets.Audio(), {}),
+              datasets.Audio(), {"speaker": ("who", lambda x: f"spk{len(x['bytes']) % 3}")}),
     "image": ("picture", lambda y, rng: {"bytes": _png(40 if y == "ping" else 200, rng), "path": None},
               datasets.Image(), {}),
-    "point_cloud": ("xyz", _cloud, None, {}),
+    "point_cloud": ("xyz", _cloud, None,
+                    {"normals": ("nrm", lambda x: (np.asarray(x) / np.linalg.norm(x, axis=1, keepdims=True)).tolist())}),
     "video": ("movie", lambda y, rng: {"bytes": _mp4(30 if y == "ping" else 220, rng), "path": None},
               datasets.Video(), {}),
 }
@@ -103,18 +105,23 @@ def make_user_dataset(modality: str, splits=("train", "validation", "test"), see
         return _weather({s: {"train": 24, "validation": 6, "test": 6}[s] for s in splits})
     if modality not in SPECS:
         raise NotImplementedError(f"test_byo_dataset has no tiny dataset builder for the new modality {modality!r}")
-    column, make, feature, _ = SPECS[modality]
+    column, make, feature, extras = SPECS[modality]
     rng = np.random.default_rng(seed)
     out = {}
     for split in splits:
         labels = [c for c in CLASSES for _ in range(ROWS[split])]
-        ds = datasets.Dataset.from_dict({column: [make(y, rng) for y in labels], "kind": labels})
+        inputs = [make(y, rng) for y in labels]
+        extra = {col: [value(x) for x in inputs] for col, value in extras.values()}
+        ds = datasets.Dataset.from_dict({column: inputs, "kind": labels, **extra})
         out[split] = ds.cast_column(column, feature) if feature is not None else ds
     return datasets.DatasetDict(out)
 
 
 def columns_of(modality: str) -> dict:
-    return dict(WEATHER_COLUMNS) if modality == "weather" else {"inputs": SPECS[modality][0], "label": "kind"}
+    if modality == "weather":
+        return dict(WEATHER_COLUMNS)
+    column, _, _, extras = SPECS[modality]
+    return {"inputs": column, "label": "kind", **{raw: col for raw, (col, _) in extras.items()}}
 
 
 def save_both(modality: str, root) -> tuple[str, str]:
@@ -160,6 +167,21 @@ def test_from_dataset_gives_batches_from_saved_and_parquet(tmp_path, modality):
                 [c for c in CLASSES for _ in range(ROWS["test"])])
         expected = expected or len(dsd["test"])
         assert len(dsd["test"]) == expected
+
+
+def test_parquet_files_by_data_files_and_optional_columns(tmp_path):
+    """Parquet files whose names give no split, mapped with data_files; audio's speaker column arrives."""
+    m = modalities.get("audio")
+    dsd = make_user_dataset("audio")
+    for split, name in (("train", "fit"), ("validation", "dev"), ("test", "final")):
+        dsd[split].to_parquet(str(tmp_path / f"{name}.parquet"))
+    out = m.load("dataset", path=tmp_path, cfg=tiny_cfg("audio"), columns=columns_of("audio"),
+                 data_files={"train": "fit.parquet", "validation": "dev.parquet", "test": "final.parquet"})
+    assert [len(out[s]) for s in ("train", "validation", "test")] == [8, 2, 4]
+    assert out["test"].with_format(None)["speaker"] == dsd["test"]["who"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a save_to_disk dataset nor parquet"):
+        m.load("dataset", path=tmp_path / "empty", columns=columns_of("audio"))
 
 
 @pytest.mark.parametrize("modality", ALL)
@@ -266,7 +288,7 @@ def test_train_on_saved_dataset_and_evaluate_on_its_parquet_copy(tmp_path, modal
     columns = yaml.safe_dump(columns_of(modality), default_flow_style=True).strip()
     out = tmp_path / "run"
     result = run(compose([modality], TINY, [f"output_dir={out}", f"modalities.{modality}.source=dataset",
-                                            f"modalities.{modality}.path={saved}", "train.max_steps=2",
+                                            f"modalities.{modality}.path={saved}", "train.epochs=1",
                                             f"modalities.{modality}.columns={columns}"]))
     test = result["metrics"]["test"][modality]
     assert test and all(math.isfinite(v) for v in test.values())
@@ -274,7 +296,7 @@ def test_train_on_saved_dataset_and_evaluate_on_its_parquet_copy(tmp_path, modal
     assert again == pytest.approx(test, rel=1e-4, abs=1e-4)  # the same dataset, re-opened from the stored config
     main(["--checkpoint", str(out), "--source", "dataset", "--path", parquet, "--output", str(tmp_path / "ev")])
     assert (tmp_path / "ev" / f"eval_{modality}_test.json").is_file()
-    from_parquet = run(compose([modality], TINY, [f"output_dir={tmp_path / 'pq'}", "train.max_steps=2",
+    from_parquet = run(compose([modality], TINY, [f"output_dir={tmp_path / 'pq'}", "train.epochs=1",
                                                   f"modalities.{modality}.source=dataset",
                                                   f"modalities.{modality}.path={parquet}",
                                                   f"modalities.{modality}.columns={columns}"]))
