@@ -52,7 +52,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .base import SOURCES, SPLITS, HubSpec, Modality, check_finite
+from .base import SOURCES, SPLITS, HubSpec, Modality, check_finite, select_splits
 
 NAN_POLICIES = ("raise", "mask")
 
@@ -415,8 +415,6 @@ class WeatherModality(Modality):
         validation; with train alone, ``split_fractions`` cut it, as for files.
         """
         import xarray as xr
-
-        from .base import select_splits
 
         cfg = self.config(cfg)
         chosen = select_splits(dsd, splits, "weather")

@@ -231,6 +231,19 @@ def test_bad_column_and_missing_split_name_the_problem(modality):
                            **m.dataset_columns(cols))
 
 
+@pytest.mark.parametrize("modality", ["audio", "image", "video"])
+def test_an_undecodable_row_raises_instead_of_being_skipped(modality):
+    m = modalities.get(modality)
+    dsd = make_user_dataset(modality)
+    column, feats = SPECS[modality][0], dsd["train"].features
+    row = {c: [None] for c in feats} | {column: [{"bytes": b"not media at all", "path": "row0.bin"}], "kind": ["ping"]}
+    broken = datasets.Dataset.from_dict(row).cast(feats)  # a cast, not an encode: encoding Audio needs torchcodec
+    dsd["train"] = datasets.concatenate_datasets([broken, dsd["train"]])
+    out = m.from_dataset(dsd, cfg=tiny_cfg(modality), **m.dataset_columns(columns_of(modality)))
+    with pytest.raises(ValueError, match="row0.bin.*cannot decode"):
+        out["train"][0]
+
+
 @pytest.mark.parametrize("modality", [m for m in ALL if m != "weather"])
 def test_a_test_label_train_lacks_is_refused(modality):
     m = modalities.get(modality)
