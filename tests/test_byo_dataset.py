@@ -254,6 +254,19 @@ def test_a_test_label_train_lacks_is_refused(modality):
         m.from_dataset(dsd, cfg=tiny_cfg(modality), **m.dataset_columns(columns_of(modality)))
 
 
+def test_a_modality_without_input_field_says_so():
+    from uniperc.modalities.base import Modality
+
+    class Bare(Modality):
+        name = "bare"
+
+        def default_config(self):
+            return {}
+
+    with pytest.raises(ValueError, match="bare: takes no user dataset"):
+        Bare().from_dataset(make_user_dataset("image"), "picture", "kind")
+
+
 def test_weather_label_column_and_carved_validation():
     m = modalities.get("weather")
     dsd = make_user_dataset("weather", splits=("train", "test"))
@@ -307,7 +320,8 @@ def test_train_on_saved_dataset_and_evaluate_on_its_parquet_copy(tmp_path, modal
     assert test and all(math.isfinite(v) for v in test.values())
     again = evaluate_checkpoint(out, split="test")[modality]
     assert again == pytest.approx(test, rel=1e-4, abs=1e-4)  # the same dataset, re-opened from the stored config
-    main(["--checkpoint", str(out), "--source", "dataset", "--path", parquet, "--output", str(tmp_path / "ev")])
+    main(["--checkpoint", str(out), "--source", "dataset", "--path", parquet, "--columns", columns,
+          "--output", str(tmp_path / "ev")])
     assert (tmp_path / "ev" / f"eval_{modality}_test.json").is_file()
     from_parquet = run(compose([modality], TINY, [f"output_dir={tmp_path / 'pq'}", "train.epochs=1",
                                                   f"modalities.{modality}.source=dataset",
