@@ -10,14 +10,13 @@ from __future__ import annotations
 import io
 import math
 
+import datasets
 import numpy as np
 import pytest
 
 import uniperc.modalities as modalities
 from uniperc.train import compose, run
 from uniperc.train.config import CONFIG_DIR
-
-datasets = pytest.importorskip("datasets")
 
 TINY = str(CONFIG_DIR / "tiny.yaml")
 CLASSES = ("ping", "hum")  # string labels, not in sorted order
