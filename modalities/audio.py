@@ -127,6 +127,7 @@ class AudioModality(Modality):
     demo_version = 2  # bumped when the generator changes, so cached demo sets are rebuilt
     file_extensions = AUDIO_EXTENSIONS
     input_field = "audio"  # a user's dataset: an Audio column (or {"bytes", "path"} structs)
+    input_media = "Audio"  # or a column of file paths / bytes
     optional_fields = ("speaker",)
     hub = HubSpec(
         name="google/speech_commands",

@@ -277,6 +277,7 @@ class Modality:
 
     # ----------------------------------------------------------------- a user's own dataset
     input_field: str = ""  # the raw column a user's input column becomes (subclass); "" = no user datasets
+    input_media: str | None = None  # "Audio" / "Image" / "Video": an input column of file paths or bytes is read as one
     optional_fields: tuple[str, ...] = ()  # raw columns a user's dataset may also map (audio's speaker, ...)
     needs_label: bool = True  # False where the target can come from the inputs (weather's forecasts)
 
@@ -317,6 +318,8 @@ class Modality:
         Labels that are not a ``ClassLabel`` become one: the sorted values of train, the same for every
         split; a label another split has but train lacks raises ``ValueError``.
         """
+        import datasets
+
         if not self.input_field:
             raise ValueError(f"{self.name}: takes no user dataset yet (the modality sets no input_field)")
         cfg = self.config(cfg)
@@ -333,6 +336,10 @@ class Modality:
         feats = chosen["train"].features
         if inputs[0] not in feats:  # before input_field_for reads its feature
             raise ValueError(f"{self.name}: the dataset has no column {inputs[0]!r}; its columns are {list(feats)}")
+        if self.input_media and feats[inputs[0]] in (datasets.Value("string"), datasets.Value("binary")):
+            media = getattr(datasets, self.input_media)(decode=False)  # paths / bytes -> {"bytes", "path"}
+            chosen = {s: ds.cast_column(inputs[0], media) for s, ds in chosen.items()}
+            feats = chosen["train"].features
         mapping = {inputs[0]: self.input_field_for(feats[inputs[0]]), label_column: "label",
                    **{col: raw for raw, col in columns.items() if col is not None}}
         spec = HubSpec(name="the dataset", config=None, columns=mapping, splits={},
@@ -340,8 +347,6 @@ class Modality:
         raw = {split: self.from_table(ds, spec, cfg, names) for split, ds in chosen.items()}
         if "validation" not in raw:
             raw["train"], raw["validation"] = carve_validation(raw["train"], cfg.get("val_fraction", VAL_FRACTION), seed)
-        import datasets
-
         return self._finish(datasets.DatasetDict(raw), cfg, "dataset")
 
     def input_field_for(self, feature) -> str:

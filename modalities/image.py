@@ -79,6 +79,7 @@ class ImageModality(Modality):
     task = "classification"
     file_extensions = IMAGE_EXTENSIONS
     input_field = "image"  # a user's dataset: an Image column (or {"bytes", "path"} structs / paths)
+    input_media = "Image"  # or a column of file paths / bytes
     hub = HubSpec(
         name="ILSVRC/imagenet-1k",
         config=None,

@@ -119,6 +119,7 @@ class VideoModality(Modality):
     task = "classification"
     file_extensions = VIDEO_EXTENSIONS
     input_field = "video"  # a user's dataset: a Video column / {"bytes", "path"} structs, or lists of frame images
+    input_media = "Video"  # or a column of file paths / bytes
     hub = HubSpec(
         name="flwrlabs/ucf101",
         config=None,

@@ -183,6 +183,23 @@ def test_parquet_files_by_data_files_and_optional_columns(tmp_path):
         m.load("dataset", path=tmp_path / "empty", columns=columns_of("audio"))
 
 
+@pytest.mark.parametrize("modality", ["audio", "image", "video"])
+def test_a_column_of_file_paths_is_read_as_media(tmp_path, modality):
+    m = modalities.get(modality)
+    dsd = make_user_dataset(modality)
+    column = SPECS[modality][0]
+    out = {}
+    for split, ds in dsd.items():
+        blobs = ds.cast_column(column, type(ds.features[column])(decode=False))[column]
+        paths = []
+        for i, blob in enumerate(blobs):
+            paths.append(str(tmp_path / f"{split}_{i}.bin"))
+            (tmp_path / f"{split}_{i}.bin").write_bytes(blob["bytes"])
+        out[split] = ds.remove_columns(column).add_column(column, paths)
+    dsd = m.from_dataset(datasets.DatasetDict(out), column, "kind", cfg=tiny_cfg(modality))
+    assert dsd["test"][0]["inputs"].ndim == 3
+
+
 @pytest.mark.parametrize("modality", ALL)
 def test_from_dataset_in_memory_with_mapped_split_names(modality):
     m = modalities.get(modality)
