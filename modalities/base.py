@@ -190,7 +190,7 @@ class Modality:
         """Every split present and non-empty, statistics fitted on train, transforms attached."""
         for split in SPLITS:
             if split not in raw or len(raw[split]) == 0:
-                raise ValueError(f"{self.name}: the {source} data has no (or an empty) {split!r} split")
+                raise ValueError(f"{self.name}: the data of source {source!r} has no (or an empty) {split!r} split")
         cfg = self.fit_config(raw, cfg)
         return self.attach(raw, cfg)
 
