@@ -126,6 +126,9 @@ class AudioModality(Modality):
     task = "classification"
     demo_version = 2  # bumped when the generator changes, so cached demo sets are rebuilt
     file_extensions = AUDIO_EXTENSIONS
+    input_field = "audio"  # a user's dataset: an Audio column (or {"bytes", "path"} structs)
+    input_media = "Audio"  # or a column of file paths / bytes
+    optional_fields = ("speaker",)
     hub = HubSpec(
         name="google/speech_commands",
         config="v0.02",
@@ -306,8 +309,7 @@ class AudioModality(Modality):
             ds = ds.filter(lambda y: y != drop_id, input_columns="label")
             mapping = {i: list(spec.extra["labels"]).index(n) for i, n in enumerate(names) if n != drop}
             ds = ds.map(lambda y: {"label": mapping[y]}, input_columns="label")
-        ds = ds.select_columns(list(spec.columns)).rename_columns(spec.columns)
-        return ds.cast(self.raw_features(spec.extra["labels"], cfg))
+        return self.from_table(ds, spec, cfg, list(spec.extra["labels"]))
 
     def make_demo(
         self,

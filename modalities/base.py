@@ -10,6 +10,9 @@ A modality file subclasses :class:`Modality` and fills in the hooks marked "subc
   demo source is "generate once, then load it as a folder" and exercises the real-file code path.
 * ``raw_from_file(path, cfg)`` reads one file into a raw row (used by :meth:`read_file` / ``uniperc.predict``).
 * ``hub`` names the real benchmark on the Hugging Face Hub and how its columns map onto the raw schema.
+* ``input_field`` / ``optional_fields`` name the raw columns a user's own dataset maps its columns onto
+  (``source="dataset"``, :meth:`Modality.from_dataset`); the Hub benchmark and a user's dataset go through
+  the same :meth:`Modality.from_table`.
 
 Transforms are attached with ``Dataset.set_transform`` so augmentation is drawn fresh on every access
 (an on-disk ``map`` would freeze one augmentation per sample).
@@ -28,10 +31,10 @@ from typing import Any, Callable
 
 import torch
 
-TASKS = ("classification", "multilabel", "regression")
-SOURCES = ("demo", "folder", "hub")
+SOURCES = ("demo", "folder", "hub", "dataset")
 SPLITS = ("train", "validation", "test")
 _CONFIG_KEY = "uniperc_config"
+VAL_FRACTION = 0.1  # share of train held out as validation when a user's dataset has no validation split
 _DEMO_MARKER = "_uniperc_demo.json"
 
 
@@ -161,8 +164,12 @@ class Modality:
         unless it is already there, then load it; ``kw`` are the demo size knobs of :meth:`make_demo`.
         ``folder``: real files at ``path`` in the community layout; ``kw`` go to :meth:`load_folder`.
         ``hub``: the benchmark named by :attr:`hub` (needs network); ``kw`` go to ``load_dataset``.
+        ``dataset``: a user's own dataset at ``path``; ``kw`` are ``name`` / ``data_files`` / ``columns`` /
+        ``splits`` of :meth:`load_user_dataset`.
         """
         cfg = self.config(cfg)
+        if source == "dataset":
+            return self.load_user_dataset(path, cfg, seed=seed, cache_dir=cache_dir, **kw)
         if source == "demo":
             root = self.ensure_demo(cache_dir=cache_dir, seed=seed, **kw)
             raw = self.load_folder(root, cfg, seed=seed)
@@ -176,9 +183,13 @@ class Modality:
             raw = self.load_hub(cfg, cache_dir=cache_dir, **kw)
         else:
             raise ValueError(f"{self.name}: unknown source {source!r}; expected one of {SOURCES}")
+        return self._finish(raw, cfg, source)
+
+    def _finish(self, raw, cfg: dict, source: str):
+        """Every split present and non-empty, statistics fitted on train, transforms attached."""
         for split in SPLITS:
             if split not in raw or len(raw[split]) == 0:
-                raise ValueError(f"{self.name}: the {source} data has no (or an empty) {split!r} split")
+                raise ValueError(f"{self.name}: the data of source {source!r} has no (or an empty) {split!r} split")
         cfg = self.fit_config(raw, cfg)
         return self.attach(raw, cfg)
 
@@ -224,8 +235,6 @@ class Modality:
         out = {}
         for split, hub_split in spec.splits.items():
             ds = datasets.load_dataset(spec.name, spec.config, split=hub_split, cache_dir=cache_dir, **kw)
-            for col in spec.decode_off:
-                ds = ds.cast_column(col, type(ds.features[col])(decode=False))
             out[split] = self.from_hub(ds, spec, cfg)
         return datasets.DatasetDict(out)
 
@@ -236,9 +245,112 @@ class Modality:
         return self.hub
 
     def from_hub(self, ds, spec: HubSpec, cfg: dict):
-        """Rename the Hub columns to the raw schema and cast to :meth:`raw_features`."""
-        ds = ds.select_columns(list(spec.columns)).rename_columns(spec.columns)
-        return ds.cast(self.raw_features(ds.features["label"].names if "label" in ds.features else None, cfg))
+        """One split of the Hub benchmark -> raw rows; a benchmark with quirks (audio's ``_silence_`` rows,
+        video's frame table) overrides this and still ends in :meth:`from_table`."""
+        return self.from_table(ds, spec, cfg)
+
+    def from_table(self, ds, spec: HubSpec, cfg: dict, label_names: list[str] | None = None):
+        """Any table -> raw rows, shared by the Hub and a user's dataset: ``spec.columns`` (table -> raw
+        column) are selected and renamed, the ``spec.decode_off`` media columns cast to ``decode=False`` (their
+        bytes reach our own decoders, never torchcodec), raw columns the table lacks are null, and the result
+        is cast to :meth:`raw_features` (class names: ``label_names``, else the table's ``ClassLabel``)."""
+        ds = self.rename_table(ds, spec)
+        if label_names is None and "label" in ds.features:
+            label_names = ds.features["label"].names
+        feats = self.raw_features(label_names, cfg)
+        for col in feats:
+            if col not in ds.column_names:
+                ds = ds.add_column(col, [None] * len(ds))
+        return ds.cast(feats)
+
+    def rename_table(self, ds, spec: HubSpec):
+        """``spec.columns`` selected and renamed to raw columns, media in ``spec.decode_off`` left encoded;
+        ``ValueError`` listing the table's real columns when one is missing."""
+        missing = [c for c in spec.columns if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"{self.name}: {spec.name or 'the dataset'} has no column(s) {missing}; "
+                             f"its columns are {ds.column_names}")
+        for col in spec.decode_off:
+            ds = ds.cast_column(col, undecoded(ds.features[col]))
+        return ds.select_columns(list(spec.columns)).rename_columns(spec.columns)
+
+    # ----------------------------------------------------------------- a user's own dataset
+    input_field: str = ""  # the raw column a user's input column becomes (subclass); "" = no user datasets
+    input_media: str | None = None  # "Audio" / "Image" / "Video": an input column of file paths or bytes is read as one
+    optional_fields: tuple[str, ...] = ()  # raw columns a user's dataset may also map (audio's speaker, ...)
+    needs_label: bool = True  # False where the target can come from the inputs (weather's forecasts)
+
+    def dataset_columns(self, columns: dict | None) -> dict:
+        """A config's ``columns:`` mapping (``inputs``, ``label``, :attr:`optional_fields`) -> the keyword
+        arguments of :meth:`from_dataset`; ``ValueError`` naming the bad key."""
+        columns = dict(columns or {})
+        allowed = ("inputs", "label", *self.optional_fields)
+        unknown = sorted(set(columns) - set(allowed))
+        if unknown:
+            raise ValueError(f"columns: unknown key(s) {unknown}; {self.name} takes {list(allowed)}")
+        inputs = columns.pop("inputs", None)
+        if not (isinstance(inputs, str) and inputs) and not (
+                isinstance(inputs, list) and inputs and all(isinstance(c, str) for c in inputs)):
+            raise ValueError(f"columns.inputs must name the input column (or a list of them), got {inputs!r}")
+        for key, value in columns.items():
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"columns.{key} must be a column name, got {value!r}")
+        if self.needs_label and not columns.get("label"):
+            raise ValueError(f"columns.label must name the label column ({self.name} classifies)")
+        return {"input_column": inputs, "label_column": columns.pop("label", None), **columns}
+
+    def load_user_dataset(self, path, cfg: dict | None = None, seed: int = 0, cache_dir=None, name=None,
+                          data_files=None, columns: dict | None = None, splits: dict | None = None):
+        """``source="dataset"``: open the dataset (:func:`open_dataset`), then map it with :meth:`from_dataset`."""
+        kwargs = self.dataset_columns(columns)
+        return self.from_dataset(open_dataset(path, name, data_files, cache_dir), splits=splits, cfg=cfg,
+                                 seed=seed, **kwargs)
+
+    def from_dataset(self, dsd, input_column, label_column=None, splits: dict | None = None,
+                     cfg: dict | None = None, seed: int = 0, **columns):
+        """A user's own ``datasets.DatasetDict`` -> the same attached DatasetDict as :meth:`load`.
+
+        ``input_column`` / ``label_column`` name the dataset's columns; ``columns`` maps the modality's
+        :attr:`optional_fields` to columns too. ``splits`` maps train / validation / test (and extra
+        ``test_<name>`` splits) to the dataset's split names (default: the same names, or val / valid /
+        dev for validation); without a validation split, :func:`carve_validation` holds one out of train.
+        Labels that are not a ``ClassLabel`` become one: the sorted values of train, the same for every
+        split; a label another split has but train lacks raises ``ValueError``.
+        """
+        import datasets
+
+        if not self.input_field:
+            raise ValueError(f"{self.name}: takes no user dataset yet (the modality sets no input_field)")
+        cfg = self.config(cfg)
+        chosen = select_splits(dsd, splits, self.name)
+        inputs = [input_column] if isinstance(input_column, str) else list(input_column)
+        if len(inputs) != 1:
+            raise ValueError(f"{self.name}: takes one input column, got {inputs}")
+        if label_column is None:
+            raise ValueError(f"{self.name}: from_dataset needs label_column= (columns.label)")
+        unknown = sorted(set(columns) - set(self.optional_fields))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown column role(s) {unknown}; optional ones are {list(self.optional_fields)}")
+        chosen, names = encode_labels(chosen, label_column, self.name)
+        feats = chosen["train"].features
+        if inputs[0] not in feats:  # before input_field_for reads its feature
+            raise ValueError(f"{self.name}: the dataset has no column {inputs[0]!r}; its columns are {list(feats)}")
+        if self.input_media and feats[inputs[0]] in (datasets.Value("string"), datasets.Value("binary")):
+            media = getattr(datasets, self.input_media)(decode=False)  # paths / bytes -> {"bytes", "path"}
+            chosen = {s: ds.cast_column(inputs[0], media) for s, ds in chosen.items()}
+            feats = chosen["train"].features
+        mapping = {inputs[0]: self.input_field_for(feats[inputs[0]]), label_column: "label",
+                   **{col: raw for raw, col in columns.items() if col is not None}}
+        spec = HubSpec(name="the dataset", config=None, columns=mapping, splits={},
+                       decode_off=tuple(c for c in mapping if undecoded(feats.get(c)) != feats.get(c)))
+        raw = {split: self.from_table(ds, spec, cfg, names) for split, ds in chosen.items()}
+        if "validation" not in raw:
+            raw["train"], raw["validation"] = carve_validation(raw["train"], cfg.get("val_fraction", VAL_FRACTION), seed)
+        return self._finish(datasets.DatasetDict(raw), cfg, "dataset")
+
+    def input_field_for(self, feature) -> str:
+        """The raw column the user's input column (of ``feature`` type) becomes; video picks by type."""
+        return self.input_field
 
     def raw_features(self, label_names: list[str] | None, cfg: dict):
         """The explicit ``datasets.Features`` of the raw rows (subclass)."""
@@ -315,6 +427,122 @@ class Modality:
             )
         cfg = self.config(cfg)
         return self.to_input(self.raw_from_file(path, cfg), cfg, train=False)
+
+
+def undecoded(feature):
+    """``Audio`` / ``Image`` / ``Video`` (or a list of them) with ``decode=False``; other features unchanged."""
+    import datasets
+
+    media = (datasets.Audio, datasets.Image, datasets.Video)
+    if isinstance(feature, media):
+        return type(feature)(decode=False)
+    inner = getattr(feature, "feature", None)
+    if isinstance(feature, datasets.List) and isinstance(inner, media):
+        return datasets.List(type(inner)(decode=False))
+    return feature
+
+
+def open_dataset(path, name: str | None = None, data_files=None, cache_dir=None):
+    """A user's dataset as a ``DatasetDict``, all through the ``datasets`` library.
+
+    ``path`` is a ``save_to_disk`` folder (``load_from_disk``), a folder of parquet / arrow files (split names
+    inferred from the file names, e.g. ``train-0.parquet``, ``test.parquet``), a parquet / arrow file or glob,
+    or anything else ``load_dataset`` takes (a Hub name or a builder such as ``"csv"``, with ``name`` /
+    ``data_files``). A saved single ``Dataset`` is taken as the train split.
+    """
+    import datasets
+
+    if path is None:
+        raise ValueError("source 'dataset' needs path= (a save_to_disk folder, parquet/arrow files or a dataset name)")
+    path_s, p = str(path), Path(path)
+    if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
+        dsd = datasets.load_from_disk(path_s)
+        return datasets.DatasetDict({"train": dsd}) if isinstance(dsd, datasets.Dataset) else dsd
+    if p.is_dir():
+        found = {f.suffix for f in p.rglob("*")} & {".parquet", ".arrow"}
+        if not found:
+            raise ValueError(f"dataset folder {path_s!r} holds neither a save_to_disk dataset nor parquet/arrow files")
+        fmt = "parquet" if ".parquet" in found else "arrow"
+        return datasets.load_dataset(fmt, data_dir=path_s, data_files=data_files, cache_dir=cache_dir)
+    if any(ch in path_s for ch in "*?[") or p.suffix in (".parquet", ".arrow"):
+        if data_files is not None:
+            raise ValueError(f"dataset path {path_s!r} names files already; give data_files with a folder path")
+        fmt = "arrow" if path_s.endswith(".arrow") else "parquet"
+        return datasets.load_dataset(fmt, data_files=path_s, cache_dir=cache_dir)
+    return datasets.load_dataset(path_s, name, data_files=data_files, cache_dir=cache_dir)
+
+
+_VALIDATION_ALIASES = ("validation", "val", "valid", "dev")
+
+
+def select_splits(dsd, splits: dict | None, what: str) -> dict:
+    """``{our split: Dataset}`` from ``splits`` (our name -> the dataset's; default: same names, validation
+    also as val / valid / dev); ``ValueError`` naming a split that is missing."""
+    import datasets
+
+    if isinstance(dsd, datasets.Dataset):
+        dsd = {"train": dsd}
+    have = list(dsd)
+    if splits is None:
+        splits = {s: s for s in have if s in SPLITS or s.startswith("test_")}
+        alias = next((a for a in _VALIDATION_ALIASES if a in have), None)
+        if alias:
+            splits["validation"] = alias
+    bad = sorted(k for k in splits if k not in SPLITS and not str(k).startswith("test_"))
+    if bad:
+        raise ValueError(f"{what}: splits has unknown key(s) {bad}; keys are {list(SPLITS)} or test_<name>")
+    for ours, theirs in splits.items():
+        if theirs not in have:
+            raise ValueError(f"{what}: split {ours!r} maps to {theirs!r}, which the dataset does not have; "
+                             f"its splits are {have}")
+    if "train" not in splits:
+        raise ValueError(f"{what}: the dataset has no 'train' split (its splits are {have}); map one with splits=")
+    return {ours: dsd[theirs] for ours, theirs in splits.items()}
+
+
+def encode_labels(chosen: dict, column: str, what: str) -> tuple[dict, list[str]]:
+    """Every split's ``column`` as one ``ClassLabel``: a ``ClassLabel`` of train keeps its names, other values
+    become the sorted values of train; ``ValueError`` for a missing column or a label train does not have."""
+    import datasets
+
+    for split, ds in chosen.items():
+        if column not in ds.column_names:
+            raise ValueError(f"{what}: split {split!r} has no label column {column!r}; its columns are {ds.column_names}")
+    feat = chosen["train"].features[column]
+    if isinstance(feat, datasets.ClassLabel):
+        names = list(feat.names)
+    else:
+        values = chosen["train"].unique(column)
+        if None in values:
+            raise ValueError(f"{what}: label column {column!r} of split 'train' has missing (null) labels")
+        names = [str(v) for v in sorted(values)]
+    out = {}
+    for split, ds in chosen.items():
+        f = ds.features[column]
+        if isinstance(f, datasets.ClassLabel) and list(f.names) == names:
+            out[split] = ds
+            continue
+        if isinstance(f, datasets.ClassLabel):  # back to names, re-encoded with train's names below
+            feats = ds.features.copy()
+            feats[column] = datasets.Value("string")
+            ds = ds.map(lambda y: {column: f.int2str(y)}, input_columns=column, batched=True, features=feats)
+        elif f != datasets.Value("string"):
+            ds = ds.cast_column(column, datasets.Value("string"))
+        unknown = sorted({str(v) for v in ds.unique(column)} - set(names))
+        if unknown:
+            raise ValueError(f"{what}: split {split!r} has label(s) {unknown} in column {column!r} that train "
+                             f"does not have (train's labels: {names})")
+        out[split] = ds.cast_column(column, datasets.ClassLabel(names=names))
+    return out, names
+
+
+def carve_validation(train, fraction: float, seed: int):
+    """``(train, validation)``: the ``max(1, round(fraction * n))`` rows whose row index has the smallest
+    seeded SHA-1 hash become validation, so the hold-out is stable across runs and machines and never empty."""
+    rank = sorted(range(len(train)), key=lambda i: hashlib.sha1(f"{seed}:{i}".encode()).hexdigest())
+    held = set(rank[: max(1, round(fraction * len(train)))])
+    return (train.select([i for i in range(len(train)) if i not in held]),
+            train.select(sorted(held)))
 
 
 def _has_suffix(path: Path, suffixes) -> bool:

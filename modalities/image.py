@@ -55,6 +55,7 @@ def to_pil(value, what: str = "image"):
             img = value
         elif isinstance(value, dict):
             src = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+            what = f"{what} {value.get('path') or ''}".strip()
             if src is None:
                 raise ValueError(f"{what}: image dict has neither bytes nor path")
             img = Image.open(src)
@@ -77,6 +78,8 @@ class ImageModality(Modality):
     name = "image"
     task = "classification"
     file_extensions = IMAGE_EXTENSIONS
+    input_field = "image"  # a user's dataset: an Image column (or {"bytes", "path"} structs / paths)
+    input_media = "Image"  # or a column of file paths / bytes
     hub = HubSpec(
         name="ILSVRC/imagenet-1k",
         config=None,
@@ -121,11 +124,12 @@ class ImageModality(Modality):
     def raw_features(self, label_names, cfg):
         import datasets
 
-        return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=label_names)})
+        # decode=False: the bytes reach to_pil, so an undecodable image is a ValueError naming its file
+        return datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=label_names)})
 
     # ----------------------------------------------------------------- adapter
     def to_input(self, raw, cfg, train):
-        img = to_pil(raw["image"], what=f"image sample {raw.get('path', '')}".strip())
+        img = to_pil(raw["image"], what="image sample")
         return _timm_transform(json.dumps(cfg, sort_keys=True), bool(train))(img)
 
     def raw_from_file(self, path, cfg):

@@ -271,6 +271,8 @@ class PointCloudModality(Modality):
     name = "point_cloud"
     task = "classification"
     file_extensions = POINT_EXTENSIONS
+    input_field = "points"  # a user's dataset: N x 3 lists (or flat 3N), optionally an N x 3 normals column
+    optional_fields = ("normals",)
     hub = HubSpec(
         name="jxie/modelnet40",
         config=None,
@@ -423,15 +425,12 @@ class PointCloudModality(Modality):
             )
         return datasets.DatasetDict(out)
 
-    def from_hub(self, ds, spec, cfg):
-        missing = [c for c in spec.columns if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"point_cloud: Hub dataset {spec.name} lacks column(s) {missing}; it has {ds.column_names}")
-        names = ds.features["label"].names
-        ds = ds.select_columns(list(spec.columns)).rename_columns(spec.columns)
-        return ds.map(
-            _prepare_hub_batch, batched=True, fn_kwargs={"cfg": cfg}, features=self.raw_features(names, cfg)
-        )
+    def from_table(self, ds, spec, cfg, label_names=None):
+        """Point lists from a table (the Hub's or a user's) -> prepared clouds, as files are prepared at load."""
+        ds = self.rename_table(ds, spec)
+        names = label_names if label_names is not None else ds.features["label"].names
+        return ds.map(_prepare_table_batch, batched=True, with_indices=True, fn_kwargs={"cfg": cfg},
+                      features=self.raw_features(names, cfg), remove_columns=ds.column_names)
 
     def make_demo(self, root, seed: int = 0, n_per_class: int = 40, n_points: int = 2048, test_fraction: float = 0.2):
         """``n_per_class`` clouds per primitive shape (10 shapes) as ``.ply`` with normals, ModelNet layout."""
@@ -461,10 +460,17 @@ def _prepare_batch(batch, cfg):
     return {"points": pts, "normals": nrms, "path": batch["path"], "label": batch["label"]}
 
 
-def _prepare_hub_batch(batch, cfg):
+def _prepare_table_batch(batch, indices, cfg):
+    """Normals come from a ``normals`` column when the table has one, else :func:`prepare_cloud` estimates them."""
     pts, nrms = [], []
-    for i, p in enumerate(batch["points"]):
-        p, n = prepare_cloud(np.asarray(p, np.float32).reshape(-1, 3), None, cfg, f"Hub point cloud row {i}")
+    normals = batch.get("normals") or [None] * len(indices)
+    for i, p, n in zip(indices, batch["points"], normals):
+        what = f"point cloud in row {i} of the table"
+        p = np.asarray(p, np.float32)
+        if p.size % 3:
+            raise ValueError(f"{what}: {p.size} values do not make N x 3 points")
+        n = None if n is None else np.asarray(n, np.float32).reshape(-1, 3)
+        p, n = prepare_cloud(p.reshape(-1, 3), n, cfg, what)
         pts.append(p)
         nrms.append(n)
     return {"points": pts, "normals": nrms, "path": [""] * len(pts), "label": batch["label"]}

@@ -118,6 +118,8 @@ class VideoModality(Modality):
     name = "video"
     task = "classification"
     file_extensions = VIDEO_EXTENSIONS
+    input_field = "video"  # a user's dataset: a Video column / {"bytes", "path"} structs, or lists of frame images
+    input_media = "Video"  # or a column of file paths / bytes
     hub = HubSpec(
         name="flwrlabs/ucf101",
         config=None,
@@ -248,6 +250,13 @@ class VideoModality(Modality):
 
     def raw_from_file(self, path, cfg):
         return {"video": {"bytes": None, "path": str(path)}, "frames": []}
+
+    def input_field_for(self, feature):
+        """A list of images is a clip's frames; anything else an encoded video."""
+        import datasets
+
+        frames = isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image)
+        return "frames" if frames else "video"
 
     # ----------------------------------------------------------------- sources
     def load_folder(self, path, cfg, seed=0, val_fraction=0.1):

@@ -52,7 +52,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .base import HubSpec, Modality, check_finite
+from .base import SOURCES, SPLITS, HubSpec, Modality, check_finite, select_splits
 
 NAN_POLICIES = ("raise", "mask")
 
@@ -401,6 +401,60 @@ class WeatherModality(Modality):
         times = ds[dims["time"]].values
         return {"x": rearrange(x, "v k h w -> (v k) h w"), "time": str(times[-1])}
 
+    # ----------------------------------------------------------------- a user's own dataset
+    optional_fields = ("time",)
+    needs_label = False
+
+    def from_dataset(self, dsd, input_column, label_column=None, splits=None, cfg=None, seed=0, time=None):
+        """A table of time steps -> the windows of :meth:`from_xarray` (see :meth:`Modality.from_dataset`).
+
+        One row per time step, in time order; each input column is one variable's field (``H x W`` nested
+        lists, or ``S`` station values); ``time`` names a column of time stamps (default: the row number);
+        ``label_column`` set makes it the classification ``label_variable``. The splits stay chronological
+        blocks (no window crosses one): without validation, the last ``split_fractions`` share of train is
+        validation; with train alone, ``split_fractions`` cut it, as for files.
+        """
+        import xarray as xr
+
+        cfg = self.config(cfg)
+        chosen = select_splits(dsd, splits, "weather")
+        inputs = [input_column] if isinstance(input_column, str) else list(input_column)
+        cols = inputs + [c for c in (label_column, time) if c]
+        for split, ds in chosen.items():
+            missing = [c for c in cols if c not in ds.column_names]
+            if missing:
+                raise ValueError(f"weather: split {split!r} has no column(s) {missing}; its columns are {ds.column_names}")
+        if "validation" in chosen and "test" not in chosen:
+            raise ValueError("weather: the dataset has a 'validation' but no 'test' split; map one with splits=")
+        if label_column:
+            known = set(map(str, chosen["train"].unique(label_column)))
+            for split, ds in chosen.items():
+                unknown = sorted(set(map(str, ds.unique(label_column))) - known)
+                if unknown:
+                    raise ValueError(f"weather: split {split!r} has label(s) {unknown} in column {label_column!r} "
+                                     f"that train does not have")
+        parts = [chosen[s].select_columns(cols).with_format("numpy")[:] for s in SPLITS if s in chosen]
+        table = {c: np.concatenate([np.asarray(part[c]) for part in parts]) for c in cols}
+        shapes = {c: table[c].shape[1:] for c in inputs}
+        if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) not in (1, 2):
+            raise ValueError(f"weather: input columns must all hold fields of one shape (H x W, or S stations); "
+                             f"got {shapes}")
+        space = ("lat", "lon") if len(shapes[inputs[0]]) == 2 else ("station",)
+        data = {c: (("time", *space), table[c].astype(np.float32)) for c in inputs}
+        if label_column:
+            data[label_column] = (("time",), table[label_column].astype(str))
+        steps = len(table[inputs[0]])
+        ds = xr.Dataset(data, coords={"time": table[time] if time else np.arange(steps)})
+        cfg = {**cfg, "variables": cfg["variables"] or inputs, "label_variable": label_column or cfg["label_variable"]}
+        sizes = [len(chosen[s]) for s in SPLITS if s in chosen]
+        if len(sizes) == 2:  # no validation: the tail of train
+            f_train, f_val, _ = cfg["split_fractions"]
+            n_val = max(1, round(sizes[0] * f_val / (f_train + f_val)))
+            sizes = [sizes[0] - n_val, n_val, sizes[1]]
+        if len(sizes) == 3:
+            cfg["split_fractions"] = [n / steps for n in sizes]
+        return self.from_xarray(ds, cfg, what="weather dataset")
+
     # ----------------------------------------------------------------- sources
     def load_folder(self, path, cfg, seed=0):
         return self.rows_from_xarray(open_xarray(path), cfg, f"weather folder {str(path)!r}")
@@ -415,6 +469,8 @@ class WeatherModality(Modality):
             ds = open_xarray(hub_path)
             return self.from_xarray(ds, cfg, what=f"Hub file {hub_path!r}")
         cfg = self.config(cfg)
+        if source == "dataset":
+            return self.load_user_dataset(path, cfg, seed=seed, cache_dir=cache_dir, **kw)
         if source == "demo":
             root = self.ensure_demo(cache_dir=cache_dir, seed=seed, **kw)
             ds, what = open_xarray(root), f"weather demo {str(root)!r}"
@@ -423,7 +479,7 @@ class WeatherModality(Modality):
                 raise ValueError(f"weather: source='folder' needs an existing path=, got {path!r}")
             ds, what = open_xarray(path), f"weather folder {str(path)!r}"
         else:
-            raise ValueError(f"weather: unknown source {source!r}; expected one of ('demo', 'folder', 'hub')")
+            raise ValueError(f"weather: unknown source {source!r}; expected one of {SOURCES}")
         return self.from_xarray(ds, cfg, what=what, seed=seed)
 
     def make_demo(self, root, seed: int = 0, days: int = 60, nlat: int = 32, nlon: int = 64):

@@ -32,15 +32,26 @@ class TaskData:
     residual_channels: list[int] | None = None  # dense head: input channel added to each target channel
 
 
+# the keys of a trainer modality section that say where a source='dataset' lives and how its columns map
+DATASET_KEYS = ("name", "data_files", "columns", "splits")
+
+
+def dataset_options(section: dict) -> dict:
+    """The ``source: dataset`` settings of a (resolved or stored) modality section."""
+    return {k: section.get(k) for k in DATASET_KEYS}
+
+
 def load_task(name: str, source: str, config: dict | None, path=None, demo: dict | None = None,
-              seed: int = 0, head: str = "auto", residual: bool | None = None) -> TaskData:
-    """Load one modality's DatasetDict (``source`` demo / folder / hub, adapter ``config``; ``demo`` holds the
-    demo-set size knobs) with what the model needs to know about it, including the head its target takes
-    (``head`` / ``residual`` as in ``modalities.<name>.head`` / ``.residual``)."""
+              seed: int = 0, head: str = "auto", residual: bool | None = None,
+              dataset: dict | None = None) -> TaskData:
+    """Load one modality's DatasetDict (``source`` demo / folder / hub / dataset, adapter ``config``; ``demo``
+    holds the demo-set size knobs, ``dataset`` the :data:`DATASET_KEYS` of a user's dataset) with what the model
+    needs to know about it, including the head its target takes (``head`` / ``residual`` as in
+    ``modalities.<name>.head`` / ``.residual``)."""
     import uniperc.modalities as modalities
 
     m = modalities.get(name)
-    kwargs = dict(demo or {}) if source == "demo" else {}
+    kwargs = dict(demo or {}) if source == "demo" else dict(dataset or {}) if source == "dataset" else {}
     dsd = m.load(source=source, path=path, cfg=config, seed=seed, **kwargs)
     fitted = m.fitted_config(dsd)
     # a modality whose task depends on its config (weather: forecasting, or classification of a label variable)

@@ -1,4 +1,4 @@
-"""Evaluate a trained model: ``python -m uniperc.evaluate --checkpoint DIR [--source folder --path P]``.
+"""Evaluate a trained model: ``python -m uniperc.evaluate --checkpoint DIR [--source folder|dataset --path P]``.
 
 For each of the model's modalities (or ``--modality``) it loads the split (default ``test``; or an extra
 evaluation split the data has, e.g. the audio demo's ``test_festival``: a synthesiser never heard in training;
@@ -8,7 +8,9 @@ time, prints the metrics, and writes ``eval_<modality>_<split>.json`` plus what 
 (:meth:`uniperc.tasks.Task.report`: for classification a confusion matrix and its PNG) into ``--output``
 (default: the checkpoint directory). The trivial baselines
 (:mod:`uniperc.baselines`: chance / majority class, or persistence / climatology) are printed and written beside
-the model's metrics. Runs under ``accelerate launch`` too
+the model's metrics. A run trained on a user's dataset (``source: dataset``) re-opens the same dataset with the
+same column and split mapping; ``--path`` points at another copy of it (e.g. the parquet files of a saved
+``DatasetDict``; its ``name`` / ``data_files`` are then not reused) and ``--columns`` replaces the mapping. Runs under ``accelerate launch`` too
 (the split is sharded and the outputs gathered).
 """
 from __future__ import annotations
@@ -20,19 +22,19 @@ from pathlib import Path
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str | None = None,
                         path: str | None = None, modality: str | None = None, output: str | Path | None = None,
-                        batch_size: int = 64) -> dict:
+                        batch_size: int = 64, columns: dict | None = None) -> dict:
     """Metrics per modality (also written as JSON / PNG files, see the module docstring)."""
     from accelerate import Accelerator
 
     from .baselines import compute as compute_baselines, describe
-    from .data import load_task, make_loader
+    from .data import dataset_options, load_task, make_loader
     from .predict import load_any
     from .scoring import evaluate
 
     if split not in ("train", "validation", "test") and not split.startswith("test_"):
         raise ValueError(f"split must be train, validation, test or an extra test_<name> split, got {split!r}")
-    if source == "folder" and not path:
-        raise ValueError("--source folder needs --path")
+    if source in ("folder", "dataset") and not path:
+        raise ValueError(f"--source {source} needs --path")
     model, meta = load_any(checkpoint)
     names = [modality] if modality else model.modalities
     for name in names:
@@ -48,8 +50,16 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
         trained_on = (train_cfg.get("modalities") or {}).get(name) or {}  # resolved at training time
         src, src_path = (source, path) if source is not None else (trained_on.get("source", "demo"),
                                                                    trained_on.get("path"))
+        dataset = dataset_options(trained_on) if trained_on.get("source") == "dataset" else {}
+        if path is not None:  # another copy: its own files
+            dataset.update(name=None, data_files=None)
+        if columns is not None:
+            dataset["columns"] = columns
+        if src == "dataset" and not dataset.get("columns"):
+            raise ValueError(f"--source dataset: {name} was not trained on a dataset; give --columns "
+                             "(e.g. '{inputs: image, label: label}')")
         data = load_task(name, src, spec["adapter_config"], src_path, trained_on.get("demo"),
-                         seed=train_cfg.get("seed", 0))
+                         seed=train_cfg.get("seed", 0), dataset=dataset)
         if split not in data.splits:
             raise ValueError(f"--split {split!r}: the {name} {src} data has only the splits {list(data.splits)} "
                              "(an extra split such as audio's test_festival is written when the demo config asks "
@@ -76,13 +86,28 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True, help="export dir, run output_dir or checkpoints/step_N dir")
     parser.add_argument("--split", default="test",
                         help="train, validation, test (default) or an extra split of the data, e.g. test_festival")
-    parser.add_argument("--source", choices=("demo", "folder", "hub"), help="data source (default: as in training)")
-    parser.add_argument("--path", help="folder of real files for --source folder")
+    parser.add_argument("--source", choices=("demo", "folder", "hub", "dataset"),
+                        help="data source (default: as in training)")
+    parser.add_argument("--path", help="folder of real files (--source folder), or a saved dataset / parquet files "
+                                       "(--source dataset)")
+    parser.add_argument("--columns", type=_yaml_mapping,
+                        help="--source dataset: column mapping as YAML, e.g. '{inputs: img, label: cls}' "
+                             "(default: the training run's)")
     parser.add_argument("--modality", help="evaluate only this modality of the model")
     parser.add_argument("--output", help="where to write the JSON / PNG (default: the checkpoint dir)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
-    evaluate_checkpoint(args.checkpoint, args.split, args.source, args.path, args.modality, args.output, args.batch_size)
+    evaluate_checkpoint(args.checkpoint, args.split, args.source, args.path, args.modality, args.output, args.batch_size,
+                        args.columns)
+
+
+def _yaml_mapping(text: str) -> dict:
+    from .train.config import parse_value
+
+    value = parse_value(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{inputs: img, label: cls}}', got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

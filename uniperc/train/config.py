@@ -3,8 +3,8 @@
 A run is described by one nested dict (plain values, nanoGPT style) with four sections:
 
 ``seed``, ``output_dir``
-``modalities``: ``{name: {source, path, config, demo, batch_size, eval_batch_size, label_smoothing, loss_weight,
-head, residual}}``
+``modalities``: ``{name: {source, path, name, data_files, columns, splits, config, demo, batch_size,
+eval_batch_size, label_smoothing, loss_weight, head, residual}}`` (``name`` .. ``splits``: ``source: dataset``)
 ``model``:      ``{backbone, mixer, kwargs, drop_path_rate, drop_rate}``
 ``train``:      optimisation, precision, checkpointing, logging (see :data:`DEFAULTS`).
 
@@ -36,8 +36,12 @@ def _config_dir() -> Path:
 CONFIG_DIR = _config_dir()
 
 MODALITY_DEFAULTS: dict[str, Any] = {
-    "source": "demo",          # demo | folder | hub (uniperc.modalities.<name>.load)
-    "path": None,              # folder of real files for source=folder
+    "source": "demo",          # demo | folder | hub | dataset (uniperc.modalities.<name>.load)
+    "path": None,              # folder of real files (folder); save_to_disk folder / parquet files / name (dataset)
+    "name": None,              # source=dataset: the load_dataset configuration name
+    "data_files": None,        # source=dataset: load_dataset data_files (a path, glob, list or {split: files})
+    "columns": None,           # source=dataset: {inputs, label, + the modality's optional columns}
+    "splits": None,            # source=dataset: {train|validation|test: the dataset's split}; None = same names
     "config": None,            # adapter settings; None = the modality's demo_config() for demo data, else defaults
     "demo": {},                # demo-set size knobs (uniperc.modalities.<name>.make_demo keyword arguments)
     "batch_size": 32,          # per process
@@ -87,7 +91,7 @@ DEFAULTS: dict[str, Any] = {
 
 _MIXED = ("no", "bf16", "fp16")
 _INTERLEAVE = ("round_robin", "proportional")
-_SOURCES = ("demo", "folder", "hub")
+_SOURCES = ("demo", "folder", "hub", "dataset")
 _TRACKERS = ("tensorboard", "csv")
 
 
@@ -239,8 +243,9 @@ def resolve(config: dict) -> dict:
         s = merge(MODALITY_DEFAULTS, section)
         if s["source"] not in _SOURCES:
             raise ValueError(f"{prefix}source must be one of {_SOURCES}, got {s['source']!r}")
-        if s["source"] == "folder" and not s["path"]:
-            raise ValueError(f"{prefix}path is required when {prefix}source is 'folder'")
+        if s["source"] in ("folder", "dataset") and not s["path"]:
+            raise ValueError(f"{prefix}path is required when {prefix}source is {s['source']!r}")
+        _check_dataset_keys(m, s, prefix)
         _number(s, "batch_size", prefix + "batch_size", 1, integer=True)
         _number(s, "eval_batch_size", prefix + "eval_batch_size", 1, integer=True, allow_none=True)
         _number(s, "label_smoothing", prefix + "label_smoothing", 0.0, 0.99)
@@ -320,6 +325,36 @@ def resolve(config: dict) -> dict:
     if not isinstance(trackers, list) or any(x not in _TRACKERS for x in trackers):
         raise ValueError(f"train.trackers must be a list drawn from {_TRACKERS}, got {t['trackers']!r}")
     return cfg
+
+
+def _check_dataset_keys(m, s: dict, prefix: str) -> None:
+    """``name`` / ``data_files`` / ``columns`` / ``splits`` belong to ``source: dataset``, which needs ``columns``."""
+    from ..data import DATASET_KEYS
+
+    if s["source"] != "dataset":
+        given = [k for k in DATASET_KEYS if s[k] is not None]
+        if given:
+            raise ValueError(f"{prefix}{given[0]} is only used with {prefix}source 'dataset' (source is {s['source']!r})")
+        return
+    if s["name"] is not None and not isinstance(s["name"], str):
+        raise ValueError(f"{prefix}name must be a string, got {s['name']!r}")
+    files = s["data_files"]
+    if files is not None and not isinstance(files, (str, list, dict)):
+        raise ValueError(f"{prefix}data_files must be a path, a list of paths or a {{split: paths}} mapping, got {files!r}")
+    if not isinstance(s["columns"], dict):
+        raise ValueError(f"{prefix}columns must be a mapping such as {{inputs: <column>, label: <column>}}, "
+                         f"got {s['columns']!r}")
+    try:
+        m.dataset_columns(s["columns"])
+    except ValueError as e:
+        raise ValueError(f"{prefix}{e}") from None
+    splits = s["splits"]
+    if splits is not None:
+        if not isinstance(splits, dict) or not all(isinstance(v, str) for v in splits.values()):
+            raise ValueError(f"{prefix}splits must map train / validation / test to split names, got {splits!r}")
+        bad = sorted(k for k in splits if k not in ("train", "validation", "test") and not str(k).startswith("test_"))
+        if bad:
+            raise ValueError(f"{prefix}splits has unknown key(s) {bad}; keys are train, validation, test or test_<name>")
 
 
 def backbone_kwargs(model_cfg: dict) -> dict:

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from .. import runs
-from ..data import TaskData, extra_test_splits, load_task, make_loader
+from ..data import TaskData, dataset_options, extra_test_splits, load_task, make_loader
 from ..scoring import evaluate
 from ..tasks import get_task
 from . import checkpoint as ckpt
@@ -195,7 +195,7 @@ def setup(cfg: dict, resume: bool | str = False, force: bool = False) -> Session
     set_seed(cfg["seed"])
     with accelerator.main_process_first():  # the main process generates demo sets first
         tasks = {name: load_task(name, sec["source"], sec["config"], sec["path"], sec["demo"], cfg["seed"],
-                                 sec["head"], sec["residual"])
+                                 sec["head"], sec["residual"], dataset_options(sec))
                  for name, sec in cfg["modalities"].items()}
     for name, d in tasks.items():
         accelerator.print(f"{name}: {d.task}, {d.num_outputs} outputs, input {d.in_chans}x{d.input_size[0]}x"
