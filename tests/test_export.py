@@ -15,12 +15,14 @@ TASKS = {"audio": dict(in_chans=1, task="classification", num_outputs=5, output_
 
 
 def _trained_like(model):
-    """Random BatchNorm statistics and affine terms, so that folding them is not a no-op."""
+    """Random BatchNorm statistics (each modality's own, where the shared stages keep them per modality) and
+    affine terms, so that folding them is not a no-op."""
     g = torch.Generator().manual_seed(0)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            for suffix in ["", *(f"_{name}" for name in model.tasks if hasattr(m, f"running_mean_{name}"))]:
+                getattr(m, f"running_mean{suffix}").copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                getattr(m, f"running_var{suffix}").copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model.eval()
@@ -34,12 +36,16 @@ def test_multimodal_export_roundtrip(tmp_path):
         ref = model(xa, "audio"), model(xi, "image")
     export(model, tmp_path)
     loaded = uniperc.load(tmp_path)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.stages.modules())  # deploy form
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.stages.modules())  # the original is untouched
+    # BatchNorm statistics per modality: the joint net is stored in train form, each modality deploys on its own
+    assert json.loads((tmp_path / "uniperc.json").read_text())["deploy"] is False and loaded.norm_stats_per_modality
     with torch.no_grad():
         out = loaded(xa, "audio"), loaded(xi, "image")
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        deployed = loaded.deploy_copy("audio")(xa, "audio"), loaded.deploy_copy("image")(xi, "image")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.deploy_copy("audio").stages.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.stages.modules())  # the original is untouched
+    for a, b, c in zip(out, deployed, ref):
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-4)
     assert loaded.tasks["audio"]["output_names"] == list("abcde") and loaded.heads["image"].task.name == "multilabel"
     assert not (tmp_path / "config.json").exists()  # two stems: not one timm model
 
