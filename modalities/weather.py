@@ -31,6 +31,11 @@ stores them in the config as ``stats``); inputs *and* targets are standardised, 
 :meth:`WeatherModality.denormalize` maps predictions back to physical units.
 Splits are chronological blocks (``split_fractions``); windows crossing a block boundary belong to no
 split, so no time step of a test target is ever seen in training.
+Real-size archives: nothing is loaded whole. The archive is opened lazily (xarray; dask arrays when several
+files are combined), a table row holds only a window's first time step (``start``) and the archive's key
+(``source``: its path, so that each DataLoader worker reopens it), and the transform reads that window's
+``history + horizon`` steps when the sample is drawn. The statistics (:meth:`~WeatherModality.fit_config`), the
+climatology baseline and the ``"raise"`` finiteness check are streaming passes over blocks of time steps.
 Training augmentation: a random zonal roll of input and target together when ``lon_roll`` (only for
 global, longitude-periodic grids).
 
@@ -232,11 +237,11 @@ class WeatherModality(Modality):
         """Per-variable mean / std over the train split's input windows (targets share the same stats), from one
         streaming pass over the train block: a time step counts once per window that holds it as an input, as if
         the windows had been stacked. Masked (NaN) values are left out."""
-        train = raw["train"]
-        ds = source_dataset(train[0]["source"])
+        rows = raw["train"].with_format(None)
+        ds = source_dataset(rows[0]["source"])
         dims = find_dims(ds, "weather train split")
         hist = int(cfg["history"])
-        starts = np.asarray(train.with_format(None)["start"], dtype=np.int64)
+        starts = np.asarray(rows["start"], dtype=np.int64)
         lo = int(starts.min())
         weight = np.convolve(np.bincount(starts - lo), np.ones(hist))  # windows holding step lo + i as an input
         n_vars = len(cfg["variables"])
@@ -262,6 +267,32 @@ class WeatherModality(Modality):
         station = dims["station"] is not None
         grid = [1, ds.sizes[dims["station"]]] if station else [ds.sizes[dims["lat"]], ds.sizes[dims["lon"]]]
         return {**cfg, "stats": {"vars": stats, "grid": grid, "station": station}}
+
+    def climatology(self, train, cfg: dict) -> torch.Tensor | None:
+        """Mean normalised target field of each variable at each lead step over the train windows (NaN left
+        out; 0, the mean, where no value is valid), from one streaming pass over the train targets' time steps."""
+        if cfg["label_variable"]:
+            return None
+        rows = train.with_format(None)  # the table itself, not the transformed samples
+        ds = source_dataset(rows[0]["source"])
+        dims = find_dims(ds, "weather train split")
+        hist, hor = int(cfg["history"]), int(cfg["horizon"])
+        names = cfg["target_variables"]
+        first = np.asarray(rows["start"], dtype=np.int64) + hist  # each window's first target step
+        lo = int(first.min())
+        per_lead = np.stack([np.bincount(first - lo + k, minlength=int(first.max()) - lo + hor) for k in range(hor)])
+        c, h, w = self.target_shape_from_cfg(cfg)
+        total, count = np.zeros((len(names), hor, h, w)), np.zeros((len(names), hor, h, w))
+        for a, block in _blocks(ds, dims, names, lo, lo + per_lead.shape[1]):
+            u = per_lead[:, a - lo : a - lo + block.shape[1]].astype(np.float64)  # (lead, step) weights
+            finite = np.isfinite(block)
+            total += np.einsum("kt,vthw->vkhw", u, np.where(finite, block, 0.0))
+            count += np.einsum("kt,vthw->vkhw", u, finite.astype(np.float64))
+        st = cfg["stats"]["vars"]
+        mean = np.array([st[v][0] for v in names])[:, None, None, None]
+        std = np.array([st[v][1] for v in names])[:, None, None, None]
+        clim = np.where(count > 0, (total / np.maximum(count, 1) - mean) / std, 0.0)
+        return torch.as_tensor(clim.reshape(1, -1), dtype=torch.float32)
 
     def read_window(self, source: str, start: int, cfg: dict) -> dict:
         """The raw arrays of the window starting at time step ``start`` of ``source``: ``x`` (``(v k) h w``) and,

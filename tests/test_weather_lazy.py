@@ -95,3 +95,13 @@ def test_peak_memory_does_not_grow_with_the_store(tmp_path):
         shutil.rmtree(store)
     assert max(peaks.values()) < 1024, peaks
     assert peaks[0.4] - peaks[0.04] < 48, peaks  # 0.36 GiB more data, (almost) no more memory
+
+
+def test_streamed_climatology_equals_the_mean_of_the_samples(tmp_path):
+    from uniperc.baselines import _nanmean_targets
+    from uniperc.data import load_task
+
+    data = load_task("weather", "demo", {"history": 3, "horizon": 2}, demo=DEMO)
+    streamed = m.climatology(data.splits["train"], data.adapter_config)
+    assert streamed.shape == (1, data.num_outputs)
+    torch.testing.assert_close(streamed, _nanmean_targets(data), atol=1e-5, rtol=1e-5)

@@ -17,6 +17,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+import uniperc.modalities as modalities
+
 from .heads import task_metrics
 
 BASELINES = {"classification": ("chance", "majority"), "regression": ("persistence", "climatology")}
@@ -33,7 +35,10 @@ def compute(data, splits: Iterable[str]) -> dict[str, dict[str, dict[str, float]
                 for s in splits}
     if data.task != "regression":
         return {s: {} for s in splits}
-    climatology = _nanmean_targets(data)
+    m = modalities.get(data.name)
+    climatology = m.climatology(data.splits["train"], data.adapter_config)
+    if climatology is None:
+        climatology = _nanmean_targets(data)
     out = {}
     for s in splits:
         persistence, labels = _persistence_and_labels(data, s)
@@ -90,8 +95,6 @@ def _nanmean_targets(data) -> torch.Tensor:
 
 
 def _persistence_and_labels(data, split: str) -> tuple[torch.Tensor | None, torch.Tensor]:
-    import uniperc.modalities as modalities
-
     m = modalities.get(data.name)
     preds, labels = [], []
     for batch in _batches(data, split):
