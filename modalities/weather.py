@@ -548,11 +548,11 @@ def _refuse_non_finite(ds, dims, names, times, what: str) -> None:
     bad = np.zeros(len(names), dtype=np.int64)
     first: list = [None] * len(names)
     for a, block in _blocks(ds, dims, names, 0, len(times)):
-        nan = np.isnan(block).reshape(len(names), block.shape[1], -1).any(2)
-        for i in range(len(names)):
-            bad[i] += int(np.isnan(block[i]).sum())
-            if first[i] is None and nan[i].any():
-                first[i] = times[a + int(np.argmax(nan[i]))]
+        nan = np.isnan(block).reshape(len(names), block.shape[1], -1)
+        bad += nan.sum((1, 2))
+        for i, steps in enumerate(nan.any(2)):
+            if first[i] is None and steps.any():
+                first[i] = times[a + int(np.argmax(steps))]
     for v, n, t in zip(names, bad, first):
         if n:
             raise ValueError(f"{what}: variable {v!r} has {int(n)} non-finite value(s) (first at time {t}); "
@@ -560,8 +560,8 @@ def _refuse_non_finite(ds, dims, names, times, what: str) -> None:
 
 
 def open_xarray(path):
-    """A netCDF file, a zarr store, or a folder tree of them -> one lazy, dask-backed ``xarray.Dataset`` (the
-    fields stay on disk until a window or a streaming block reads them)."""
+    """A netCDF file, a zarr store, or a folder tree of them -> one lazily opened ``xarray.Dataset`` (the fields
+    stay on disk until a window or a streaming block reads them; several files combine as dask arrays)."""
     import xarray as xr
 
     path_s = str(path)
