@@ -101,7 +101,7 @@ def test_streamed_climatology_equals_the_mean_of_the_samples(tmp_path):
     from uniperc.baselines import _nanmean_targets
     from uniperc.data import load_task
 
-    data = load_task("weather", "demo", {"history": 3, "horizon": 2}, demo=DEMO)
+    data = load_task("weather", "demo", {"history": 3, "horizon": 2}, demo={**DEMO, "cache_dir": tmp_path})
     streamed = m.climatology(data.splits["train"], data.adapter_config)
     assert streamed.shape == (1, data.num_outputs)
     torch.testing.assert_close(streamed, _nanmean_targets(data), atol=1e-5, rtol=1e-5)
