@@ -140,6 +140,12 @@ class Modality:
         ``B x outputs``; ``None`` (the default) where the task has no persistence baseline."""
         return None
 
+    def climatology(self, train, cfg: dict) -> torch.Tensor | None:
+        """The mean of every normalised target value over the ``train`` split, ``1 x outputs`` (the climatology
+        baseline), where the modality can compute it without reading every sample; ``None`` (the default): the
+        baseline averages the split's samples itself."""
+        return None
+
     def in_chans(self, cfg: dict | None = None) -> int:
         """C' of the adapter output for ``cfg`` (subclass)."""
         raise NotImplementedError

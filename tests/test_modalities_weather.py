@@ -101,8 +101,8 @@ def test_station_data_becomes_a_square_grid():
     x = dsd["train"][0]["inputs"]
     assert x.shape == (4, 4, 4) and m.num_outputs(dsd) == 2 * 10
     assert torch.equal(x[:, 2, 2:], torch.zeros(4, 2))  # 10 stations fill 10 of the 16 cells
-    raw = dsd["train"].with_format("numpy")[0]["x"]
-    assert np.isclose(float(x[0, 1, 0]), (raw[0, 0, 4] - m.fitted_config(dsd)["stats"]["vars"]["temp"][0])
+    raw = ds["temp"].values[:2]  # the first train window's inputs: steps 0, 1 of every station
+    assert np.isclose(float(x[0, 1, 0]), (raw[0, 4] - m.fitted_config(dsd)["stats"]["vars"]["temp"][0])
                       / m.fitted_config(dsd)["stats"]["vars"]["temp"][1], atol=1e-5)  # station 4 -> cell (1, 0)
     emb = StationEmbedding(in_chans=4, embed_dim=8, num_stations=10)
     out = emb(x[None])
@@ -168,9 +168,9 @@ def test_persistence_is_each_target_variables_newest_input_step():
     assert m.persistence_channels(cfg) == [1 * 3 + 2] * 2  # variable b (index 1), step 3 of 3, for both lead steps
     assert m.field_shape(cfg) == (2, 4, 6)
     batch = torch.stack([dsd["test"][i]["inputs"] for i in range(2)])
-    raw = dsd["test"].with_format("numpy")[:2]["x"]  # physical units, channels (v k)
+    starts = dsd["test"].with_format(None)[:2]["start"]
     b_mean, b_std = cfg["stats"]["vars"]["b"]
-    newest_b = (raw[:, 5] - b_mean) / b_std
+    newest_b = (ds["b"].values[[s + 2 for s in starts]] - b_mean) / b_std  # physical units -> normalised
     expected = np.stack([newest_b, newest_b], 1).reshape(2, -1)
     np.testing.assert_allclose(m.last_step(batch, cfg).numpy(), expected, rtol=1e-5, atol=1e-5)
     label = m.fitted_config(m.from_xarray(ds.assign(regime=("time", np.arange(40) % 2)),

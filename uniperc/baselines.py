@@ -17,6 +17,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+import uniperc.modalities as modalities
+
 from .tasks import get_task
 
 
@@ -37,7 +39,9 @@ def chance_and_majority(data, splits: list[str]) -> dict[str, dict[str, dict[str
 def persistence_and_climatology(data, splits: list[str], task) -> dict[str, dict[str, dict[str, float]]]:
     """Regression's baselines, scored by ``task``'s own metrics, as the model is (persistence only where the
     modality can read the last observed step from an input)."""
-    climatology = _nanmean_targets(data)
+    climatology = modalities.get(data.name).climatology(data.splits["train"], data.adapter_config)
+    if climatology is None:
+        climatology = _nanmean_targets(data)
     out = {}
     for s in splits:
         persistence, labels = _persistence_and_labels(data, s)
@@ -87,8 +91,6 @@ def _nanmean_targets(data) -> torch.Tensor:
 
 
 def _persistence_and_labels(data, split: str) -> tuple[torch.Tensor | None, torch.Tensor]:
-    import uniperc.modalities as modalities
-
     m = modalities.get(data.name)
     preds, labels = [], []
     for batch in _batches(data, split):
