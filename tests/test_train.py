@@ -221,3 +221,13 @@ def test_extra_evaluation_split_is_scored_with_baselines_after_training(tmp_path
     assert result["tasks"] == {"audio": {"task": "classification", "num_outputs": 2}}
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert math.isfinite(saved["metrics"]["test_other"]["audio"]["top1"])
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    """Each recipe the README names composes and passes every check (model built on the meta device)."""
+    import yaml
+
+    names = list(yaml.safe_load(path.read_text())["modalities"])
+    cfg = compose(names, str(path), [])
+    assert list(cfg["modalities"]) == names
