@@ -1,8 +1,8 @@
 """``python -m uniperc.bench recipes``: the results table, reproduced by one command (``make results``).
 
 Every shipped single-modality recipe is trained exactly as ``python train.py --modality M`` would train it
-(``configs/M.yaml``), each into its own folder under ``--runs``; ``--joint`` adds the joint recipe
-(``configs/multitask.yaml``). Each trained model's test score is put beside its trivial baselines (the
+(``configs/M.yaml``), each into its own folder under ``--runs``; ``--joint`` adds the joint recipes
+(``configs/multitask.yaml``: audio + image + point cloud; ``configs/multitask_all.yaml``: all five). Each trained model's test score is put beside its trivial baselines (the
 ``baselines`` of the training summary, :mod:`uniperc.baselines`), one row per modality and evaluated split
 (extra evaluation splits such as the audio demo's ``test_festival`` get rows of their own), and the
 markdown table is printed and written to ``--output``. ``--config`` / ``--set`` change every recipe alike
@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 
 RECIPES = ("image", "audio", "point_cloud", "weather", "video")
-JOINT_CONFIG = "multitask.yaml"  # in the shipped configs (uniperc.train.config.CONFIG_DIR), wherever installed
+# in the shipped configs (uniperc.train.config.CONFIG_DIR), wherever installed
+JOINT_CONFIGS = {"joint": "multitask.yaml", "joint_all": "multitask_all.yaml"}
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m uniperc.bench recipes", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(RECIPES), help=f"comma-separated subset of {','.join(RECIPES)}")
-    p.add_argument("--joint", action="store_true", help=f"also train the joint recipe (configs/{JOINT_CONFIG})")
+    p.add_argument("--joint", action="store_true", help="also train the joint recipes (" + ", ".join(f"configs/{c}" for c in JOINT_CONFIGS.values()) + ")")
     p.add_argument("--runs", default="runs/recipes", help="parent folder of the run folders (one per recipe)")
     p.add_argument("--output", default="docs/results.md", help="markdown file the table is written to")
     p.add_argument("--config", help="take every recipe's settings from this YAML instead (e.g. configs/tiny.yaml)")
@@ -85,7 +86,7 @@ def main(argv=None):
     if args.joint:
         from uniperc.train.config import CONFIG_DIR
 
-        recipes.append(("joint", None, args.config or str(CONFIG_DIR / JOINT_CONFIG)))
+        recipes += [(label, None, args.config or str(CONFIG_DIR / name)) for label, name in JOINT_CONFIGS.items()]
     rows = []
     for label, modalities, config in recipes:
         print(f"== recipe {label}: {config or f'configs/{label}.yaml'} -> {runs / label}", flush=True)
