@@ -324,17 +324,28 @@ class PointCloudModality(Modality):
             if int(cfg[key]) < 1:
                 raise ValueError(f"point_cloud: {key} must be >= 1, got {cfg[key]}")
 
-    def check_trainable(self, cfg):
-        """The trainer builds one image stem per modality; it has no multi-view stem (``view_layout="batch"``
-        returns ``V x C x H x W`` per cloud, which would fail at the first forward) and no point stem
-        (``projection="points"`` would train an image stem on a ``6 x 1 x N`` strip of coordinates)."""
-        if cfg["view_layout"] == "batch":
-            raise ValueError("view_layout 'batch' gives V x C x H x W per cloud (views folded into the batch, "
-                             "MVCNN-style), which train.py cannot build a stem for yet; use 'channels'")
-        if cfg["projection"] == "points":
-            raise ValueError("projection 'points' gives raw points for "
-                             "uniperc.modalities.point_cloud.LearnedProjection, which train.py does not build as a "
-                             "stem yet; use 'fixed'")
+    stems = ("learned_projection",)
+
+    def stem_for(self, cfg) -> str:
+        """Raw points (``projection="points"``) are read by :class:`LearnedProjection`; depth images by the backbone."""
+        return "learned_projection" if cfg["projection"] == "points" else "backbone"
+
+    def check_stem(self, stem, cfg, source):
+        if stem != self.stem_for(cfg):
+            raise ValueError(f"{stem!r} cannot read point_cloud inputs with projection {cfg['projection']!r} "
+                             f"(raw points need 'learned_projection', depth images 'backbone'); use "
+                             f"{self.stem_for(cfg)!r} or 'auto'")
+
+    def make_stem(self, stem, cfg, backbone_stem):
+        """:class:`LearnedProjection` to an RGB-like ``3 x image_size x image_size`` image (UniRepLKNet's input),
+        then the backbone's stem on its 3 channels."""
+        projection = LearnedProjection(out_chans=3, image_size=int(cfg["image_size"]), views=int(cfg["views"]),
+                                       elevation=float(cfg["elevation"]), splat=int(cfg["splat"]))
+        return nn.Sequential(projection, backbone_stem(3))
+
+    def views(self, cfg) -> int | None:
+        """``view_layout="batch"`` of depth images: ``views`` images per cloud."""
+        return int(cfg["views"]) if cfg["view_layout"] == "batch" and cfg["projection"] == "fixed" else None
 
     def in_chans(self, cfg=None) -> int:
         """Channels of the adapter output; with ``view_layout="batch"`` the channels of *one* view."""
