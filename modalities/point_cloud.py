@@ -18,11 +18,13 @@ Each point is splatted over a ``(2 splat + 1)^2`` pixel footprint so sparse clou
 
 Layout (``view_layout``): ``"channels"`` (default) stacks the views as channels,
 ``C' = views x (1 + normal channels)`` (6 x 2 = 12 by default) and one backbone pass sees all views;
-``"batch"`` returns ``views x (1 + n) x H x W`` per sample so a training script can fold views into the
-batch (``einops.rearrange(x, "b v c h w -> (b v) c h w")``) and pool features over views (MVCNN).
+``"batch"`` returns ``views x (1 + n) x H x W`` per sample, which the model folds into the batch
+(``einops.rearrange(x, "b v c h w -> (b v) c h w")``) and max-pools over views after pooling (MVCNN; the
+modality reports its :meth:`~PointCloudModality.views`, :class:`uniperc.multimodal.MultiModalNet` does it).
 ``projection="points"`` instead returns the raw points as a ``6 x 1 x num_points`` tensor (xyz + normal)
 for :class:`LearnedProjection`, the trainable alternative (per-point MLP features max-scattered onto
-the view grids, then a 1x1 conv), which is how UniRepLKNet learns its ``3 x 224 x 224`` input.
+the view grids, then a 1x1 conv), which is how UniRepLKNet learns its ``3 x 224 x 224`` input: the modality's
+stem ``learned_projection`` (:meth:`~PointCloudModality.make_stem`), followed by the backbone's stem.
 
 Sources: ``demo`` = clouds sampled from 10 open3d primitive meshes with random size, scale, rotation,
 noise and (half the time) partial occlusion by hidden-point removal from a random viewpoint, written

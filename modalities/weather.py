@@ -18,7 +18,8 @@ Station data, dims ``(time, station)``: the stations' values become one row ``C'
 adapter places station ``s`` at cell ``(s // side, s % side)`` of a ``side x side`` grid
 (``side = ceil(sqrt(S))``, zero padding) — UniRepLKNet's reading of station series as an image. The
 learned version (their linear embedding per station) is :class:`StationEmbedding`, a module applied to
-that grid.
+that grid: the modality's stem for station data (``stem_for``; ``station_embedding`` in the trainer's
+``modalities.weather.stem``), followed by the backbone's own stem.
 
 Missing values (``nan_policy``): ``"raise"`` (default) refuses NaN / inf with a ``ValueError`` naming the variable
 and time; ``"mask"`` accepts them (land / sea masks, NaN outside a region): the statistics ignore them, masked
