@@ -225,7 +225,8 @@ class MultiModalNet(nn.Module):
         return out[1:]
 
     def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        """Logits / regression outputs of ``modality``'s head for a ``B x C' x H x W`` batch."""
+        """Logits / regression outputs of ``modality``'s head for a ``B x C' x H x W`` batch (``B x V x C' x H x W``
+        where the modality's samples hold ``V`` views)."""
         if modality in self.heads and isinstance(self.heads[modality], DenseHead):
             return self.heads[modality](self.forward_intermediates(x, modality), x)
         features = self.forward_features(x, modality)
