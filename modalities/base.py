@@ -134,8 +134,9 @@ class Modality:
 
     def make_stem(self, stem: str, cfg: dict, backbone_stem: Callable[[int], "torch.nn.Module"]) -> "torch.nn.Module":
         """The module of one of :attr:`stems` for the fitted ``cfg``, ending at the backbone's stem width (stride 4);
-        ``backbone_stem(c)`` builds the variant's own stem for ``c`` input channels, which it may end in."""
-        raise ValueError(f"{self.name}: supplies no stem of its own (asked for {stem!r})")
+        ``backbone_stem(c)`` builds the variant's own stem for ``c`` input channels, which it may end in (subclass
+        with :attr:`stems`)."""
+        raise NotImplementedError
 
     def views(self, cfg: dict) -> int | None:
         """Views per sample, where a sample is ``V x C' x H x W``: the model folds them into the batch and

@@ -54,6 +54,16 @@ def test_default_stem_keeps_the_timm_layout(name):
     assert {k.split(".")[0] for k in model.state_dict()} == {"stems", "stages", "heads"}
 
 
+def test_a_one_modality_model_starts_from_the_timm_models_weights():
+    torch.manual_seed(0)
+    model = MultiModalNet("unireplknet_a", {"audio": {"in_chans": 1, "task": "classification", "num_outputs": 5}},
+                          KWARGS)
+    torch.manual_seed(0)
+    net = timm.create_model("unireplknet_a", in_chans=1, num_classes=0, **KWARGS)  # headless, as the trunk is built
+    ours, timms = model.timm_state_dict("audio"), net.state_dict()
+    assert all(torch.equal(ours[k], timms[k]) for k in timms if not k.startswith("head."))
+
+
 @pytest.mark.parametrize("backbone", ["unireplknet_a", "uniconvnet_a", "pelk_t", "van_b0"])
 def test_make_stem_is_the_variants_own_stem(backbone):
     kwargs = {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "kernel_sizes": 5}

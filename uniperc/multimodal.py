@@ -88,15 +88,18 @@ class MultiModalNet(nn.Module):
         self.stems = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         # one backbone: its stages are shared, its stem factory builds each modality's stem, its classifier is
-        # replaced by the task heads
-        net = timm.create_model(backbone, num_classes=0, **self.backbone_kwargs)
+        # replaced by the task heads. It is built for the first modality's C', whose stem it then is (where that
+        # modality takes the backbone's), so a one-modality model starts from the timm model's own weights.
+        first = next(iter(self.tasks.values()))
+        net = timm.create_model(backbone, in_chans=int(first["in_chans"]), num_classes=0, **self.backbone_kwargs)
         if not hasattr(net, "make_stem"):
             raise ValueError(f"backbone {backbone!r} is not a uniperc backbone (it builds no stem per modality)")
         self.stages = net.stages
         self.num_features = net.num_features
         self.head_norm = "ln" if not isinstance(net.head.norm, nn.Identity) else None
         for name, spec in self.tasks.items():
-            self.stems[name] = _make_stem(name, spec, net)
+            takes_own = spec is first and spec.get("stem", "backbone") == "backbone"
+            self.stems[name] = net.stem if takes_own else _make_stem(name, spec, net)
             kind = spec.get("head", "pooled")
             if kind not in HEADS:
                 raise ValueError(f"tasks[{name!r}]['head'] must be one of {HEADS}, got {kind!r}")
