@@ -189,3 +189,21 @@ def test_a_station_embedding_for_gridded_data_is_refused_before_the_model_is_bui
         run(tiny(["weather"], out, "modalities.weather.source=folder", f"modalities.weather.path={root}",
                  "modalities.weather.stem=station_embedding"))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("setting", [{"view_layout": "batch", "views": 3}, {"projection": "points", "num_points": 64}])
+def test_modality_stems_and_views_export_to_onnx(tmp_path, setting):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from uniperc.export import export_onnx_modalities
+
+    m = modalities.get("point_cloud")
+    cfg = m.config(image_size=16, **setting)
+    spec = {"in_chans": m.in_chans(cfg), "input_size": list(m.input_size(cfg)), "task": "classification",
+            "num_outputs": 4, "adapter_config": cfg, "stem": m.stem_for(cfg), "views": m.views(cfg)}
+    model = MultiModalNet("unireplknet_a", {"point_cloud": spec}, KWARGS).eval()
+    export_onnx_modalities(model, tmp_path)
+    x = torch.rand(3, *model.input_shape("point_cloud"))
+    out = ort.InferenceSession(str(tmp_path / "point_cloud.onnx")).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(out, model(x, "point_cloud").numpy(), atol=1e-4)

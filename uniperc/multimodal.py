@@ -193,11 +193,14 @@ class MultiModalNet(nn.Module):
     def norm_stats_per_modality(self) -> bool:
         return next(self._shared_norms(), None) is not None
 
+    def sample_dims(self, modality: str) -> tuple[int, ...]:
+        """One sample's dimensions before ``H x W``: ``(C',)``, or ``(V, C')`` where it holds ``V`` views."""
+        spec = self.tasks[modality]
+        return (*((int(spec["views"]),) if spec.get("views") else ()), int(spec["in_chans"]))
+
     def input_shape(self, modality: str) -> tuple[int, ...]:
         """The shape of one sample (``C' x H x W``, or ``V x C' x H x W`` with views) at the trained size."""
-        spec = self.tasks[modality]
-        views = (int(spec["views"]),) if spec.get("views") else ()
-        return (*views, int(spec["in_chans"]), *map(int, spec["input_size"]))
+        return (*self.sample_dims(modality), *map(int, self.tasks[modality]["input_size"]))
 
     def _stem(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         """The stem's output for a batch; with views, for every view of every sample (``(B V) x C x H x W``)."""
