@@ -275,6 +275,7 @@ class PointCloudModality(Modality):
     file_extensions = POINT_EXTENSIONS
     input_field = "points"  # a user's dataset: N x 3 lists (or flat 3N), optionally an N x 3 normals column
     optional_fields = ("normals",)
+    stems = ("learned_projection",)  # modalities.point_cloud.stem
     hub = HubSpec(
         name="jxie/modelnet40",
         config=None,
@@ -325,8 +326,6 @@ class PointCloudModality(Modality):
         for key in ("num_points", "image_size", "views"):
             if int(cfg[key]) < 1:
                 raise ValueError(f"point_cloud: {key} must be >= 1, got {cfg[key]}")
-
-    stems = ("learned_projection",)
 
     def stem_for(self, cfg) -> str:
         """Raw points (``projection="points"``) are read by :class:`LearnedProjection`; depth images by the backbone."""

@@ -108,6 +108,7 @@ class WeatherModality(Modality):
     name = "weather"
     task = "regression"
     file_extensions = (".nc", ".nc4", ".netcdf", ".zarr")
+    stems = ("station_embedding",)  # modalities.weather.stem
     hub = HubSpec(
         name="",
         config=None,
@@ -152,8 +153,6 @@ class WeatherModality(Modality):
 
     def task_for(self, cfg) -> str:
         return "classification" if self.config(cfg)["label_variable"] else "regression"
-
-    stems = ("station_embedding",)
 
     def stem_for(self, cfg) -> str:
         """Station data (known once the data is open) gets :class:`StationEmbedding`, gridded fields the backbone's."""

@@ -199,8 +199,10 @@ def setup(cfg: dict, resume: bool | str = False, force: bool = False) -> Session
                                  sec["head"], sec["residual"], dataset_options(sec), sec["stem"])
                  for name, sec in cfg["modalities"].items()}
     for name, d in tasks.items():
-        accelerator.print(f"{name}: {d.task}, {d.num_outputs} outputs, input {d.in_chans}x{d.input_size[0]}x"
-                          f"{d.input_size[1]}, {len(d.splits['train'])}/{len(d.splits['validation'])}/"
+        views = f"{d.views} views x " if d.views else ""
+        accelerator.print(f"{name}: {d.task}, {d.num_outputs} outputs, input {views}{d.in_chans}x{d.input_size[0]}x"
+                          f"{d.input_size[1]}{'' if d.stem == 'backbone' else f' ({d.stem} stem)'}, "
+                          f"{len(d.splits['train'])}/{len(d.splits['validation'])}/"
                           f"{len(d.splits['test'])} train/val/test samples"
                           + "".join(f", {len(d.splits[s])} {s}" for s in extra_test_splits(d.splits)))
     names = list(tasks)
