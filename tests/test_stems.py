@@ -75,8 +75,7 @@ def test_make_stem_is_the_variants_own_stem(backbone):
 @pytest.mark.parametrize("name", modalities.list_modalities())
 def test_each_modality_takes_auto_and_backbone_and_refuses_unknown_stems(name):
     assert resolve(tiny([name], "runs/x"))["modalities"][name]["stem"] == "auto"
-    if name != "point_cloud":  # the backbone's stem reads the default inputs of every modality
-        resolve(tiny([name], "runs/x", f"modalities.{name}.stem=backbone"))
+    resolve(tiny([name], "runs/x", f"modalities.{name}.stem=backbone"))  # it reads every default input
     valid = ("auto", "backbone", *modalities.get(name).stems)
     with pytest.raises(ValueError, match=rf"modalities\.{name}\.stem must be one of " + re.escape(str(valid))):
         resolve(tiny([name], "runs/x", f"modalities.{name}.stem=nope"))
