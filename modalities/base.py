@@ -119,11 +119,29 @@ class Modality:
     def validate_config(self, cfg: dict) -> None:
         """Check value ranges (subclass may extend); raise ``ValueError`` naming the key."""
 
-    def check_trainable(self, cfg: dict) -> None:
-        """Raise ``ValueError`` for an adapter setting that is valid for the adapter but that the trainer
-        cannot build a model for (the adapter can still feed a user's own model from Python). Called when
-        the trainer reads its config, so such a run stops before any data is loaded; subclasses with such
-        settings override it."""
+    # ----------------------------------------------------------------- model
+    stems: tuple[str, ...] = ()  # the stems this modality supplies (modalities.<m>.stem), beside "backbone"
+
+    def stem_for(self, cfg: dict) -> str:
+        """What ``stem: auto`` builds for ``cfg``: ``"backbone"`` (the variant's own stem on the ``C'`` channels),
+        unless the input is one that only a stem of the modality's own (:attr:`stems`) can read."""
+        return "backbone"
+
+    def check_stem(self, stem: str, cfg: dict, source: str) -> None:
+        """Raise ``ValueError`` where ``stem`` (``"backbone"`` or one of :attr:`stems`) cannot read the inputs that
+        ``cfg`` gives for data from ``source``. Called when the trainer reads its config and again with the
+        fitted config once the data is open (weather only learns then whether it holds stations)."""
+
+    def make_stem(self, stem: str, cfg: dict, backbone_stem: Callable[[int], "torch.nn.Module"]) -> "torch.nn.Module":
+        """The module of one of :attr:`stems` for the fitted ``cfg``, ending at the backbone's stem width (stride 4);
+        ``backbone_stem(c)`` builds the variant's own stem for ``c`` input channels, which it may end in (subclass
+        with :attr:`stems`)."""
+        raise NotImplementedError
+
+    def views(self, cfg: dict) -> int | None:
+        """Views per sample, where a sample is ``V x C' x H x W``: the model folds them into the batch and
+        max-pools the pooled features over them (MVCNN); ``None`` (the default) where a sample is one image."""
+        return None
 
     def field_shape(self, cfg: dict) -> tuple[int, int, int] | None:
         """``(C, H, W)`` when the regression target is a field on a grid (a dense head predicts it per pixel);

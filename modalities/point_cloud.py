@@ -18,11 +18,13 @@ Each point is splatted over a ``(2 splat + 1)^2`` pixel footprint so sparse clou
 
 Layout (``view_layout``): ``"channels"`` (default) stacks the views as channels,
 ``C' = views x (1 + normal channels)`` (6 x 2 = 12 by default) and one backbone pass sees all views;
-``"batch"`` returns ``views x (1 + n) x H x W`` per sample so a training script can fold views into the
-batch (``einops.rearrange(x, "b v c h w -> (b v) c h w")``) and pool features over views (MVCNN).
+``"batch"`` returns ``views x (1 + n) x H x W`` per sample, which the model folds into the batch
+(``einops.rearrange(x, "b v c h w -> (b v) c h w")``) and max-pools over views after pooling (MVCNN; the
+modality reports its :meth:`~PointCloudModality.views`, :class:`uniperc.multimodal.MultiModalNet` does it).
 ``projection="points"`` instead returns the raw points as a ``6 x 1 x num_points`` tensor (xyz + normal)
 for :class:`LearnedProjection`, the trainable alternative (per-point MLP features max-scattered onto
-the view grids, then a 1x1 conv), which is how UniRepLKNet learns its ``3 x 224 x 224`` input.
+the view grids, then a 1x1 conv), which is how UniRepLKNet learns its ``3 x 224 x 224`` input: the modality's
+stem ``learned_projection`` (:meth:`~PointCloudModality.make_stem`), followed by the backbone's stem.
 
 Sources: ``demo`` = clouds sampled from 10 open3d primitive meshes with random size, scale, rotation,
 noise and (half the time) partial occlusion by hidden-point removal from a random viewpoint, written
@@ -273,6 +275,7 @@ class PointCloudModality(Modality):
     file_extensions = POINT_EXTENSIONS
     input_field = "points"  # a user's dataset: N x 3 lists (or flat 3N), optionally an N x 3 normals column
     optional_fields = ("normals",)
+    stems = ("learned_projection",)  # modalities.point_cloud.stem
     hub = HubSpec(
         name="jxie/modelnet40",
         config=None,
@@ -324,17 +327,26 @@ class PointCloudModality(Modality):
             if int(cfg[key]) < 1:
                 raise ValueError(f"point_cloud: {key} must be >= 1, got {cfg[key]}")
 
-    def check_trainable(self, cfg):
-        """The trainer builds one image stem per modality; it has no multi-view stem (``view_layout="batch"``
-        returns ``V x C x H x W`` per cloud, which would fail at the first forward) and no point stem
-        (``projection="points"`` would train an image stem on a ``6 x 1 x N`` strip of coordinates)."""
-        if cfg["view_layout"] == "batch":
-            raise ValueError("view_layout 'batch' gives V x C x H x W per cloud (views folded into the batch, "
-                             "MVCNN-style), which train.py cannot build a stem for yet; use 'channels'")
-        if cfg["projection"] == "points":
-            raise ValueError("projection 'points' gives raw points for "
-                             "uniperc.modalities.point_cloud.LearnedProjection, which train.py does not build as a "
-                             "stem yet; use 'fixed'")
+    def stem_for(self, cfg) -> str:
+        """Raw points (``projection="points"``) are read by :class:`LearnedProjection`; depth images by the backbone."""
+        return "learned_projection" if cfg["projection"] == "points" else "backbone"
+
+    def check_stem(self, stem, cfg, source):
+        if stem != self.stem_for(cfg):
+            raise ValueError(f"{stem!r} cannot read point_cloud inputs with projection {cfg['projection']!r} "
+                             f"(raw points need 'learned_projection', depth images 'backbone'); use "
+                             f"{self.stem_for(cfg)!r} or 'auto'")
+
+    def make_stem(self, stem, cfg, backbone_stem):
+        """:class:`LearnedProjection` to an RGB-like ``3 x image_size x image_size`` image (UniRepLKNet's input),
+        then the backbone's stem on its 3 channels."""
+        projection = LearnedProjection(out_chans=3, image_size=int(cfg["image_size"]), views=int(cfg["views"]),
+                                       elevation=float(cfg["elevation"]), splat=int(cfg["splat"]))
+        return nn.Sequential(projection, backbone_stem(3))
+
+    def views(self, cfg) -> int | None:
+        """``view_layout="batch"`` of depth images: ``views`` images per cloud."""
+        return int(cfg["views"]) if cfg["view_layout"] == "batch" and cfg["projection"] == "fixed" else None
 
     def in_chans(self, cfg=None) -> int:
         """Channels of the adapter output; with ``view_layout="batch"`` the channels of *one* view."""

@@ -18,7 +18,8 @@ Station data, dims ``(time, station)``: the stations' values become one row ``C'
 adapter places station ``s`` at cell ``(s // side, s % side)`` of a ``side x side`` grid
 (``side = ceil(sqrt(S))``, zero padding) — UniRepLKNet's reading of station series as an image. The
 learned version (their linear embedding per station) is :class:`StationEmbedding`, a module applied to
-that grid.
+that grid: the modality's stem for station data (``stem_for``; ``station_embedding`` in the trainer's
+``modalities.weather.stem``), followed by the backbone's own stem.
 
 Missing values (``nan_policy``): ``"raise"`` (default) refuses NaN / inf with a ``ValueError`` naming the variable
 and time; ``"mask"`` accepts them (land / sea masks, NaN outside a region): the statistics ignore them, masked
@@ -107,6 +108,7 @@ class WeatherModality(Modality):
     name = "weather"
     task = "regression"
     file_extensions = (".nc", ".nc4", ".netcdf", ".zarr")
+    stems = ("station_embedding",)  # modalities.weather.stem
     hub = HubSpec(
         name="",
         config=None,
@@ -128,6 +130,7 @@ class WeatherModality(Modality):
             "lon_roll": False,
             "split_fractions": [0.7, 0.15, 0.15],
             "nan_policy": "raise",  # raise | mask (see the module docstring)
+            "station_embed_dim": 32,  # channels of the StationEmbedding stem (station data, stem: station_embedding)
             "stats": None,  # filled from the train split by load()
         }
 
@@ -139,6 +142,8 @@ class WeatherModality(Modality):
         fr = cfg["split_fractions"]
         if len(fr) != 3 or min(fr) <= 0 or abs(sum(fr) - 1) > 1e-6:
             raise ValueError(f"weather: split_fractions must be 3 positive numbers summing to 1, got {fr}")
+        if int(cfg["station_embed_dim"]) < 1:
+            raise ValueError(f"weather: station_embed_dim must be >= 1, got {cfg['station_embed_dim']}")
         if cfg["nan_policy"] not in NAN_POLICIES:
             raise ValueError(f"weather: nan_policy must be one of {NAN_POLICIES}, got {cfg['nan_policy']!r}")
 
@@ -148,6 +153,25 @@ class WeatherModality(Modality):
 
     def task_for(self, cfg) -> str:
         return "classification" if self.config(cfg)["label_variable"] else "regression"
+
+    def stem_for(self, cfg) -> str:
+        """Station data (known once the data is open) gets :class:`StationEmbedding`, gridded fields the backbone's."""
+        return "station_embedding" if (cfg.get("stats") or {}).get("station") else "backbone"
+
+    def check_stem(self, stem, cfg, source):
+        """A station embedding needs station data: the demo is gridded; other sources say so once opened."""
+        if stem != "station_embedding":
+            return
+        if source == "demo" or (cfg.get("stats") and not cfg["stats"].get("station")):
+            where = "the demo" if source == "demo" else "this data"
+            raise ValueError(f"'station_embedding' embeds (time, station) data, but {where} is a gridded field; "
+                             f"use 'backbone' or 'auto'")
+
+    def make_stem(self, stem, cfg, backbone_stem):
+        """:class:`StationEmbedding` of every station's ``C'`` values to ``station_embed_dim`` channels, then the
+        backbone's stem on them."""
+        dim = int(cfg["station_embed_dim"])
+        return nn.Sequential(StationEmbedding(self.in_chans(cfg), dim, int(cfg["stats"]["grid"][1])), backbone_stem(dim))
 
     def in_chans(self, cfg=None) -> int:
         cfg = self.config(cfg)

@@ -2,6 +2,7 @@
 run has its own, and a resume with a changed config is refused."""
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ BAD = {
     "model.mixer=nosuchmixer": "model.mixer",
     "modalities.image.config.image_size=-3": "image_size",
     "model.backbone=nosuchnet": "model.backbone",
+    "modalities.image.stem=learned_projection": "modalities.image.stem",
 }
 
 
@@ -97,13 +99,24 @@ def test_fresh_start_sets_old_checkpoints_aside_until_its_own_first_checkpoint(t
     assert result["steps"] == 4
 
 
-@pytest.mark.parametrize("setting, message", [("view_layout=batch", "view_layout 'batch'"),
-                                              ("projection=points", "projection 'points'")])
-def test_adapter_settings_the_trainer_cannot_build_are_refused_when_read(setting, message):
-    """Valid for the adapter, but no trainer stem takes them: refused by ``resolve``, before any data."""
+@pytest.mark.parametrize("settings, message", [
+    (["config.projection=points", "stem=backbone"], "'backbone' cannot read point_cloud inputs with projection 'points'"),
+    (["stem=learned_projection"], "'learned_projection' cannot read point_cloud inputs with projection 'fixed'"),
+    (["stem=station_embedding"], "'station_embedding' is a stem of weather"),
+])
+def test_stems_that_do_not_fit_are_refused_when_read(settings, message):
+    """A stem that cannot read what the adapter gives: refused by ``resolve``, before any data, naming the key."""
     from uniperc.train.config import resolve
 
-    config = compose(["point_cloud"], None, [f"modalities.point_cloud.config.{setting}"])
-    with pytest.raises(ValueError, match=rf"modalities\.point_cloud\.config: {message}"):
+    config = compose(["point_cloud"], None, [f"modalities.point_cloud.{s}" for s in settings])
+    with pytest.raises(ValueError, match=r"modalities\.point_cloud\.stem.*" + re.escape(message)):
         resolve(config)
-    resolve(compose(["point_cloud"], None, []))  # the shipped recipe itself is accepted
+
+
+@pytest.mark.parametrize("setting", ["view_layout=batch", "projection=points"])
+def test_multi_view_and_point_inputs_are_accepted_when_read(setting):
+    """Once refused (no stem took them), both now have a model: views folded into the batch, LearnedProjection."""
+    from uniperc.train.config import resolve
+
+    section = resolve(compose(["point_cloud"], None, [f"modalities.point_cloud.config.{setting}"]))
+    assert section["modalities"]["point_cloud"]["stem"] == "auto"

@@ -142,6 +142,7 @@ class UniPercNet(nn.Module):
                 raise ValueError(f"mixer_kwargs[{i}] must be a dict, got {kw!r}")
         dp_rates = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
 
+        self.stem_name = stem
         self.stem = create_stem(stem, in_chans, dims[0])
         self.stages = nn.Sequential()
         self.feature_info = []
@@ -159,13 +160,24 @@ class UniPercNet(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.head = NormMlpClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                           norm_layer=_norm_layer(head_norm, "head_norm"))
-        self.apply(self._init_weights)
-        for module in self.modules():  # uniperc layers with an init of their own (DCNv3) keep it
-            if type(module).__module__.startswith("uniperc.") and "reset_parameters" in vars(type(module)):
-                module.reset_parameters()
+        self._init_tree(self)
         if isinstance(self.head.fc, nn.Linear):
             self.head.fc.weight.data.mul_(head_init_scale)
             self.head.fc.bias.data.mul_(head_init_scale)
+
+    def make_stem(self, in_chans: int) -> nn.Module:
+        """A new stem of this network's kind and width for ``in_chans`` input channels, initialised as the
+        network initialises its own: what a multi-modal model gives each modality, so that one network (its
+        stages) serves them all instead of one whole network built per modality for its stem."""
+        return self._init_tree(create_stem(self.stem_name, in_chans, self.feature_info[0]["num_chs"]))
+
+    @classmethod
+    def _init_tree(cls, root: nn.Module) -> nn.Module:
+        root.apply(cls._init_weights)
+        for module in root.modules():  # uniperc layers with an init of their own (DCNv3) keep it
+            if type(module).__module__.startswith("uniperc.") and "reset_parameters" in vars(type(module)):
+                module.reset_parameters()
+        return root
 
     @staticmethod
     def _init_weights(module):

@@ -30,6 +30,8 @@ class TaskData:
     head: str = "pooled"           # pooled | dense (uniperc.heads)
     target_shape: tuple[int, int, int] | None = None  # (C, H, W) of a field target
     residual_channels: list[int] | None = None  # dense head: input channel added to each target channel
+    stem: str = "backbone"         # backbone | a stem the modality supplies (Modality.stems)
+    views: int | None = None       # V of V x C' x H x W samples (folded into the batch, max-pooled after pooling)
 
 
 # the keys of a trainer modality section that say where a source='dataset' lives and how its columns map
@@ -43,11 +45,11 @@ def dataset_options(section: dict) -> dict:
 
 def load_task(name: str, source: str, config: dict | None, path=None, demo: dict | None = None,
               seed: int = 0, head: str = "auto", residual: bool | None = None,
-              dataset: dict | None = None) -> TaskData:
+              dataset: dict | None = None, stem: str = "auto") -> TaskData:
     """Load one modality's DatasetDict (``source`` demo / folder / hub / dataset, adapter ``config``; ``demo``
     holds the demo-set size knobs, ``dataset`` the :data:`DATASET_KEYS` of a user's dataset) with what the model
-    needs to know about it, including the head its target takes (``head`` / ``residual`` as in
-    ``modalities.<name>.head`` / ``.residual``)."""
+    needs to know about it, including the head its target takes and the stem that reads its inputs (``head`` /
+    ``residual`` / ``stem`` as in ``modalities.<name>.head`` / ``.residual`` / ``.stem``)."""
     import uniperc.modalities as modalities
 
     m = modalities.get(name)
@@ -58,10 +60,15 @@ def load_task(name: str, source: str, config: dict | None, path=None, demo: dict
     task = m.task_for(fitted)
     field_shape = m.field_shape(fitted) if "dense" in get_task(task).heads else None
     head, residual = _head_choice(name, head, residual, field_shape, m.persistence_channels(fitted))
+    stem = m.stem_for(fitted) if stem == "auto" else stem
+    try:  # what only the opened data tells (weather: stations or a grid)
+        m.check_stem(stem, fitted, source)
+    except ValueError as e:
+        raise ValueError(f"modalities.{name}.stem: {e}") from None
     return TaskData(name=name, task=task, in_chans=m.in_chans(fitted), input_size=tuple(m.input_size(fitted)),
                     num_outputs=m.num_outputs(dsd), output_names=m.label_names(dsd), adapter_config=fitted,
                     splits=dict(dsd), head=head,
-                    target_shape=field_shape, residual_channels=residual)
+                    target_shape=field_shape, residual_channels=residual, stem=stem, views=m.views(fitted))
 
 
 def _head_choice(name: str, head: str, residual: bool | None, field_shape,

@@ -37,7 +37,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .convert import _key_report
-from .heads import TaskHead
 from .multimodal import MultiModalNet
 from .reparam import reparameterize
 
@@ -59,8 +58,9 @@ def _pooled_modality(model: MultiModalNet, modality: str | None) -> str:
         (modality,) = model.modalities
     if modality not in model.heads:
         raise ValueError(f"modality {modality!r} is not in the model; it has {model.modalities}")
-    if not isinstance(model.heads[modality], TaskHead):
-        raise ValueError(f"modality {modality!r} has a dense head, which a plain timm classifier cannot hold")
+    reason = model.timm_incompatibility(modality)
+    if reason:
+        raise ValueError(f"modality {modality!r} {reason}")
     return modality
 
 
@@ -101,7 +101,7 @@ def export(model: MultiModalNet, directory: str | Path, extra: dict | None = Non
     deploy = not model.norm_stats_per_modality
     spec = {"format": FORMAT, "version": 2, "deploy": deploy, "backbone": model.backbone_name,
             "backbone_kwargs": model.backbone_kwargs, "tasks": model.tasks, **(extra or {})}
-    if len(model.modalities) == 1 and isinstance(model.heads[model.modalities[0]], TaskHead):
+    if len(model.modalities) == 1 and model.timm_incompatibility(model.modalities[0]) is None:
         save_for_hf(model, directory)
         spec["weights"] = {"file": WEIGHTS_FILE, "keys": "timm", "modality": model.modalities[0]}
     else:
@@ -242,11 +242,11 @@ def export_onnx_modalities(model: MultiModalNet, directory: str | Path) -> list[
         spec = model.tasks[name]
         if "input_size" not in spec:
             raise ValueError(f"modality {name!r} has no input_size in its config; cannot build an example input")
-        example = torch.zeros(2, int(spec["in_chans"]), *map(int, spec["input_size"]))
+        example = torch.zeros(2, *model.input_shape(name))
         onnx_path = export_onnx(model, directory / f"{name}.onnx", example, dynamic_batch=True, modality=name)
         side = {"format": ONNX_SPEC_FORMAT, "version": 1, "modality": name, "onnx": onnx_path.name,
                 "input_name": "input", "output_name": "output",
-                "input_shape": ["batch", int(spec["in_chans"]), *map(int, spec["input_size"])],
+                "input_shape": ["batch", *model.input_shape(name)],
                 "backbone": model.backbone_name, **spec}
         (directory / f"{name}.json").write_text(json.dumps(side, indent=1, default=list))
         written += [onnx_path, directory / f"{name}.json"]

@@ -1,10 +1,18 @@
 """One shared backbone, one stem per modality, one head per task.
 
 Modalities give different input channels C' (1 for log-mel audio, 3 for images, ...), so each gets its own
-stem (stride 4, built exactly as the chosen timm variant builds its stem for that C'); the four stages are
-shared; each task (here: each modality's dataset) gets its own head: a pooled :class:`~uniperc.heads.TaskHead`,
-or, for a field target (``"head": "dense"``), a :class:`~uniperc.heads.DenseHead` fed with every stage's
-feature map and the input.
+stem (stride 4). By default that is the variant's own stem for that C' (:meth:`UniPercNet.make_stem
+<uniperc.backbone.UniPercNet.make_stem>`: the same layers and init as in the timm model); a modality may supply
+one of its own instead (``"stem"``: one of its :attr:`~uniperc.modalities.base.Modality.stems`, e.g. the point
+cloud's ``learned_projection`` from raw points), built by its :meth:`~uniperc.modalities.base.Modality.make_stem`.
+The backbone is built once and its four stages are shared; each task (here: each modality's dataset) gets its
+own head: a pooled :class:`~uniperc.heads.TaskHead`, or, for a field target (``"head": "dense"``), a
+:class:`~uniperc.heads.DenseHead` fed with every stage's feature map and the input.
+
+Multi-view inputs (``"views": V``, point clouds with ``view_layout="batch"``): a sample is ``V x C' x H x W``;
+the views are folded into the batch for the stem and stages, each view's features are pooled on their own, and
+the pooled features are max-pooled over the views before the head (late view pooling, MVCNN), so the output does
+not depend on the order of the views.
 
 With several modalities, every BatchNorm of the shared stages keeps its running statistics per modality
 (buffers ``running_mean_<modality>``, ``running_var_<modality>``, ``num_batches_tracked_<modality>`` beside its own,
@@ -17,7 +25,8 @@ modality: :meth:`MultiModalNet.use_norm_stats` picks one before :func:`uniperc.r
 State-dict layout: ``stems.<modality>.*``, ``stages.*`` (the variant's own keys), ``heads.<modality>.*``.
 For one modality, renaming ``stems.<m>.`` -> ``stem.`` and ``heads.<m>.`` -> ``head.`` gives exactly the
 timm model's state dict (:meth:`MultiModalNet.timm_state_dict`), which is how single-modality exports load
-through ``timm.create_model`` (pooled heads only: a plain timm classifier has no dense head).
+through ``timm.create_model`` (the variant's stem, one image per sample and a pooled head only: a plain timm
+classifier has no other).
 """
 from __future__ import annotations
 
@@ -28,10 +37,27 @@ from typing import Iterator, Mapping
 import timm
 import torch
 import torch.nn as nn
+from einops import rearrange, reduce
 
 from .heads import HEADS, DenseHead, TaskHead
 
 _NORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _make_stem(name: str, spec: Mapping, net: nn.Module) -> nn.Module:
+    """``name``'s stem: the backbone's own for its ``in_chans``, or the one its modality supplies (``spec["stem"]``)."""
+    stem = spec.get("stem", "backbone")
+    if stem == "backbone":
+        return net.make_stem(int(spec["in_chans"]))
+    import uniperc.modalities as modality_registry
+
+    modality = modality_registry.get(name)
+    if stem not in modality.stems:
+        raise ValueError(f"tasks[{name!r}]['stem'] must be one of {('backbone', *modality.stems)}, got {stem!r}")
+    if not spec.get("adapter_config"):
+        raise ValueError(f"tasks[{name!r}]: the {stem!r} stem is built from the modality's adapter_config, "
+                         f"which the spec lacks")
+    return modality.make_stem(stem, modality.config(spec["adapter_config"]), net.make_stem)
 
 
 class MultiModalNet(nn.Module):
@@ -43,7 +69,9 @@ class MultiModalNet(nn.Module):
             "num_outputs": int, "label_smoothing": float, "output_names": list | None}``; the dict order is the
             order of stems and heads. A field target adds ``"head": "dense"``, ``"target_shape": [C, H, W]`` and
             ``"residual_channels": list | None`` (see :class:`~uniperc.heads.DenseHead`); ``"head"`` defaults to
-            ``"pooled"`` and must be one of the task's ``heads``.
+            ``"pooled"`` and must be one of the task's ``heads``. ``"stem"`` (default ``"backbone"``) names a
+            stem the modality (the key, a :func:`uniperc.modalities.list_modalities` name) supplies, built from
+            ``"adapter_config"``; ``"views": V`` makes a sample ``V x C' x H x W`` (pooled heads only).
         backbone_kwargs: passed to ``timm.create_model`` (``dims``, ``depths``, ``mixer``, ``kernel_sizes``,
             ``drop_path_rate``, ``drop_rate``, ...).
     """
@@ -59,23 +87,28 @@ class MultiModalNet(nn.Module):
         self.tasks = {m: dict(spec) for m, spec in tasks.items()}
         self.stems = nn.ModuleDict()
         self.heads = nn.ModuleDict()
-        self.stages = None
+        # one backbone: its stages are shared, its stem factory builds each modality's stem, its classifier is
+        # replaced by the task heads. It is built for the first modality's C', whose stem it then is (where that
+        # modality takes the backbone's), so a one-modality model starts from the timm model's own weights.
+        first = next(iter(self.tasks.values()))
+        net = timm.create_model(backbone, in_chans=int(first["in_chans"]), num_classes=0, **self.backbone_kwargs)
+        if not hasattr(net, "make_stem"):
+            raise ValueError(f"backbone {backbone!r} is not a uniperc backbone (it builds no stem per modality)")
+        self.stages = net.stages
+        self.num_features = net.num_features
+        self.head_norm = "ln" if not isinstance(net.head.norm, nn.Identity) else None
         for name, spec in self.tasks.items():
-            # The variant builds its own stem for this C' (stem kind and init live in the variant file);
-            # its stages are kept once and shared, its classifier is replaced by a task head.
-            net = timm.create_model(backbone, in_chans=int(spec["in_chans"]), num_classes=0, **self.backbone_kwargs)
-            self.stems[name] = net.stem
-            if self.stages is None:
-                self.stages = net.stages
-                self.num_features = net.num_features
-                norm = "ln" if not isinstance(net.head.norm, nn.Identity) else None
-                self.head_norm = norm
+            takes_own = spec is first and spec.get("stem", "backbone") == "backbone"
+            self.stems[name] = net.stem if takes_own else _make_stem(name, spec, net)
             kind = spec.get("head", "pooled")
             if kind not in HEADS:
                 raise ValueError(f"tasks[{name!r}]['head'] must be one of {HEADS}, got {kind!r}")
             if kind == "dense":
                 if not spec.get("target_shape"):
                     raise ValueError(f"tasks[{name!r}]: a dense head needs a target_shape")
+                if spec.get("views"):
+                    raise ValueError(f"tasks[{name!r}]: a dense head predicts a field of one image, but the samples "
+                                     f"hold {spec['views']} views; use a pooled head")
                 self.heads[name] = DenseHead(
                     [f["num_chs"] for f in net.feature_info], int(spec["in_chans"]), spec["target_shape"],
                     residual_channels=spec.get("residual_channels"), output_names=spec.get("output_names"),
@@ -160,15 +193,32 @@ class MultiModalNet(nn.Module):
     def norm_stats_per_modality(self) -> bool:
         return next(self._shared_norms(), None) is not None
 
+    def sample_dims(self, modality: str) -> tuple[int, ...]:
+        """One sample's dimensions before ``H x W``: ``(C',)``, or ``(V, C')`` where it holds ``V`` views."""
+        spec = self.tasks[modality]
+        return (*((int(spec["views"]),) if spec.get("views") else ()), int(spec["in_chans"]))
+
+    def input_shape(self, modality: str) -> tuple[int, ...]:
+        """The shape of one sample (``C' x H x W``, or ``V x C' x H x W`` with views) at the trained size."""
+        return (*self.sample_dims(modality), *map(int, self.tasks[modality]["input_size"]))
+
     def _stem(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """The stem's output for a batch; with views, for every view of every sample (``(B V) x C x H x W``)."""
         if modality not in self.stems:
             raise ValueError(f"modality {modality!r} has no stem in this model; it has {self.modalities}")
         expected = int(self.tasks[modality]["in_chans"])
-        if x.ndim != 4 or x.shape[1] != expected:
+        views = self.tasks[modality].get("views")
+        if views:
+            if x.ndim != 5 or x.shape[1] != views or x.shape[2] != expected:
+                raise ValueError(f"{modality} input must be B x {views} x {expected} x H x W (views x channels), "
+                                 f"got {tuple(x.shape)}")
+            x = rearrange(x, "b v c h w -> (b v) c h w")
+        elif x.ndim != 4 or x.shape[1] != expected:
             raise ValueError(f"{modality} input must be B x {expected} x H x W, got {tuple(x.shape)}")
         return self.stems[modality](x)
 
     def forward_features(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """The last stage's feature map; with views, one per view (``(B V) x C x h x w``)."""
         with self._norm_stats(modality):
             return self.stages(self._stem(x, modality))
 
@@ -181,17 +231,35 @@ class MultiModalNet(nn.Module):
         return out[1:]
 
     def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        """Logits / regression outputs of ``modality``'s head for a ``B x C' x H x W`` batch."""
+        """Logits / regression outputs of ``modality``'s head for a ``B x C' x H x W`` batch (``B x V x C' x H x W``
+        where the modality's samples hold ``V`` views)."""
         if modality in self.heads and isinstance(self.heads[modality], DenseHead):
             return self.heads[modality](self.forward_intermediates(x, modality), x)
-        return self.heads[modality](self.forward_features(x, modality))
+        features = self.forward_features(x, modality)
+        views = self.tasks[modality].get("views")
+        if views:  # late view pooling (MVCNN); the head's own pooling of the 1 x 1 result changes nothing
+            head = self.heads[modality]
+            features = reduce(head.global_pool(features), "(b v) c h w -> b c h w", "max", v=views)
+        return self.heads[modality](features)
+
+    def timm_incompatibility(self, modality: str) -> str | None:
+        """Why ``modality``'s path is no plain timm classifier (``None`` where it is one)."""
+        spec = self.tasks[modality]
+        if isinstance(self.heads[modality], DenseHead):
+            return "has a dense head, which a plain timm classifier cannot hold"
+        if spec.get("stem", "backbone") != "backbone":
+            return f"has the {spec['stem']!r} stem of its modality, which a plain timm model does not have"
+        if spec.get("views"):
+            return f"takes {spec['views']} views per sample, which a plain timm model does not pool"
+        return None
 
     def timm_state_dict(self, modality: str) -> dict[str, torch.Tensor]:
         """The weights of one modality's path under the plain timm model's keys (``stem.``, ``stages.``, ``head.``)."""
         if modality not in self.stems:
             raise ValueError(f"modality {modality!r} has no stem in this model; it has {self.modalities}")
-        if isinstance(self.heads[modality], DenseHead):
-            raise ValueError(f"modality {modality!r} has a dense head, which a plain timm classifier cannot hold")
+        reason = self.timm_incompatibility(modality)
+        if reason:
+            raise ValueError(f"modality {modality!r} {reason}")
         if self.deployed_for not in (None, modality):
             raise ValueError(f"this model was folded to deploy form with {self.deployed_for}'s BatchNorm statistics")
         own = {}  # per-modality statistics: this modality's become the shared BatchNorms' own, the rest are left out

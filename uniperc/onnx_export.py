@@ -47,13 +47,14 @@ class _ModalityPath(nn.Module):
         return self.model(x, self.modality)
 
 
-def _in_chans(model, modality: str | None) -> int | None:
+def _sample_dims(model, modality: str | None) -> tuple[int, ...] | None:
+    """What the example's dimensions between batch and ``H x W`` must be: ``(C,)``, or ``(V, C')`` for views."""
     from .multimodal import MultiModalNet
 
     if isinstance(model, MultiModalNet):
-        return int(model.tasks[modality]["in_chans"])
+        return model.sample_dims(modality)
     n = getattr(model, "in_chans", None)
-    return int(n) if n is not None else None
+    return (int(n),) if n is not None else None
 
 
 def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor, dynamic_batch: bool = True,
@@ -62,8 +63,9 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor,
 
     ``model`` is a uniperc timm model (:class:`~uniperc.UniPercNet`) or a
     :class:`~uniperc.multimodal.MultiModalNet` with ``modality`` naming the path to export; it must be in
-    eval mode. ``example_input`` is one ``B x C x H x W`` batch; with ``dynamic_batch`` the ONNX input and
-    output have a symbolic batch dimension (``"batch"``), H and W stay those of the example. The graph has
+    eval mode. ``example_input`` is one ``B x C x H x W`` batch (``B x V x C x H x W`` for a modality whose
+    samples hold views); with ``dynamic_batch`` the ONNX input and output have a symbolic batch dimension
+    (``"batch"``), H and W stay those of the example. The graph has
     one input ``"input"`` and one output ``"output"``. Bad arguments raise ``ValueError`` before anything
     is written. Returns ``path``.
     """
@@ -79,13 +81,17 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor,
             raise ValueError(f"modality {modality!r}: a MultiModalNet export needs one of {model.modalities}")
     elif modality is not None:
         raise ValueError(f"modality={modality!r} is only for a MultiModalNet, got {type(model).__name__}")
-    if not isinstance(example_input, torch.Tensor) or example_input.ndim != 4:
-        raise ValueError(f"example_input must be a 4-D tensor B x C x H x W, got "
+    dims = _sample_dims(model, modality)
+    rank = 4 if dims is None else len(dims) + 3
+    layout = "B x C x H x W" if rank == 4 else "B x V x C x H x W (views x channels)"
+    if not isinstance(example_input, torch.Tensor) or example_input.ndim != rank:
+        raise ValueError(f"example_input must be a {rank}-D tensor {layout}, got "
                          f"{tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__}")
-    expected = _in_chans(model, modality)
-    if expected is not None and example_input.shape[1] != expected:
-        raise ValueError(f"example_input has {example_input.shape[1]} channels but the model"
-                         f"{'' if modality is None else f' ({modality})'} expects {expected}")
+    given = tuple(example_input.shape[1:-2])
+    if dims is not None and given != dims:
+        what = "channels" if len(dims) == 1 else "views x channels"
+        raise ValueError(f"example_input has {' x '.join(map(str, given))} {what} but the model"
+                         f"{'' if modality is None else f' ({modality})'} expects {' x '.join(map(str, dims))}")
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"output folder {str(path.parent)!r} of {str(path)!r} does not exist")

@@ -4,7 +4,7 @@ A run is described by one nested dict (plain values, nanoGPT style) with four se
 
 ``seed``, ``output_dir``
 ``modalities``: ``{name: {source, path, name, data_files, columns, splits, config, demo, batch_size,
-eval_batch_size, label_smoothing, loss_weight, head, residual}}`` (``name`` .. ``splits``: ``source: dataset``)
+eval_batch_size, label_smoothing, loss_weight, head, residual, stem}}`` (``name`` .. ``splits``: ``source: dataset``)
 ``model``:      ``{backbone, mixer, kwargs, drop_path_rate, drop_rate}``
 ``train``:      optimisation, precision, checkpointing, logging (see :data:`DEFAULTS`).
 
@@ -50,6 +50,7 @@ MODALITY_DEFAULTS: dict[str, Any] = {
     "loss_weight": 1.0,        # multiplies this task's loss in joint training
     "head": "auto",            # auto | pooled | dense; auto = dense when the modality's target is a field (weather)
     "residual": None,          # dense head adds the last input step: None = where the modality gives one
+    "stem": "auto",            # auto | backbone | a stem the modality supplies (its `stems`); auto = its own choice
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -259,9 +260,9 @@ def resolve(config: dict) -> dict:
                 raise ValueError(f"{prefix}{key} must be a mapping, got {s[key]!r}")
         try:
             s["config"] = _adapter_config(m, s)
-            m.check_trainable(s["config"])
         except ValueError as e:
             raise ValueError(f"{prefix}config: {e}") from None
+        _check_stem(m, s, prefix)
         task = get_task(m.task_for(s["config"]))
         if s["head"] != "auto" and s["head"] not in task.heads:
             raise ValueError(f"{prefix}head: {s['head']!r} cannot predict this {name} task ({task.name}); "
@@ -357,6 +358,23 @@ def _check_dataset_keys(m, s: dict, prefix: str) -> None:
             raise ValueError(f"{prefix}splits has unknown key(s) {bad}; keys are train, validation, test or test_<name>")
 
 
+def _check_stem(m, s: dict, prefix: str) -> None:
+    """``stem`` is ``auto``, ``backbone`` or one of the modality's own stems, and can read what its config gives."""
+    import uniperc.modalities as modality_registry
+
+    choices = ("auto", "backbone", *m.stems)
+    stem = s["stem"]
+    if stem not in choices:
+        owners = [n for n in modality_registry.list_modalities() if stem in modality_registry.get(n).stems]
+        owned = f" ({stem!r} is a stem of {', '.join(owners)})" if owners else ""
+        raise ValueError(f"{prefix}stem must be one of {choices} for {m.name}, got {stem!r}{owned}")
+    if stem != "auto":
+        try:
+            m.check_stem(stem, s["config"], s["source"])
+        except ValueError as e:
+            raise ValueError(f"{prefix}stem: {e}") from None
+
+
 def backbone_kwargs(model_cfg: dict) -> dict:
     """The ``timm.create_model`` keyword arguments of a resolved ``model`` section."""
     kwargs = dict(model_cfg["kwargs"])
@@ -368,26 +386,36 @@ def backbone_kwargs(model_cfg: dict) -> dict:
 
 
 def _check_backbone_builds(model_cfg: dict, sections: dict) -> None:
-    """Build the backbone for every modality's input channels on the ``meta`` device (no memory, no data, well
-    under a second even for the largest variant), so bad ``model.kwargs`` fail here, before anything is loaded
-    or written, as a ``ValueError`` naming the section instead of a ``TypeError`` from a constructor."""
+    """Build the backbone once, and its stem for every modality's input channels, on the ``meta`` device (no
+    memory, no data, well under a second even for the largest variant), so bad ``model.kwargs`` fail here,
+    before anything is loaded or written, as a ``ValueError`` naming the section instead of a ``TypeError``
+    from a constructor."""
     import timm
     import torch
 
     import uniperc.modalities as modality_registry
 
-    for name, section in sections.items():
-        m = modality_registry.get(name)
+    name = model_cfg["backbone"]
+    built = (TypeError, ValueError, IndexError, KeyError, AssertionError, RuntimeError)
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(name, num_classes=0, **backbone_kwargs(model_cfg))
+    except built as e:
+        raise ValueError(f"model.kwargs / model.mixer do not build {name!r}: {e}") from None
+    if not hasattr(net, "make_stem"):
+        raise ValueError(f"model.backbone {name!r} is not a uniperc backbone (it has no per-modality stems); "
+                         f"uniperc variants: {_uniperc_models()}")
+    for modality, section in sections.items():
         try:
-            in_chans = m.in_chans(section["config"])
+            in_chans = modality_registry.get(modality).in_chans(section["config"])
         except ValueError:  # known only once the data is read (weather: its variables); any C' checks the kwargs
             in_chans = 1
         try:
             with torch.device("meta"):
-                timm.create_model(model_cfg["backbone"], in_chans=in_chans, num_classes=0, **backbone_kwargs(model_cfg))
-        except (TypeError, ValueError, IndexError, KeyError, AssertionError, RuntimeError) as e:
-            raise ValueError(f"model.kwargs / model.mixer do not build {model_cfg['backbone']!r} for "
-                             f"modalities.{name} ({in_chans} input channels): {e}") from None
+                net.make_stem(in_chans)
+        except built as e:
+            raise ValueError(f"model.kwargs / model.mixer do not build the stem of {name!r} for "
+                             f"modalities.{modality} ({in_chans} input channels): {e}") from None
 
 
 # what decides the weights a run learns: a resumed run must agree with its checkpoint on these

@@ -128,7 +128,8 @@ def build_model(cfg: dict, tasks: dict):
                     "output_names": d.output_names, "input_size": list(d.input_size),
                     "adapter_config": d.adapter_config,
                     "label_smoothing": cfg["modalities"][name]["label_smoothing"], "head": d.head,
-                    "target_shape": d.target_shape and list(d.target_shape), "residual_channels": d.residual_channels}
+                    "target_shape": d.target_shape and list(d.target_shape), "residual_channels": d.residual_channels,
+                    "stem": d.stem, "views": d.views}
              for name, d in tasks.items()}
     return MultiModalNet(cfg["model"]["backbone"], specs, backbone_kwargs(cfg["model"]))
 
@@ -195,11 +196,13 @@ def setup(cfg: dict, resume: bool | str = False, force: bool = False) -> Session
     set_seed(cfg["seed"])
     with accelerator.main_process_first():  # the main process generates demo sets first
         tasks = {name: load_task(name, sec["source"], sec["config"], sec["path"], sec["demo"], cfg["seed"],
-                                 sec["head"], sec["residual"], dataset_options(sec))
+                                 sec["head"], sec["residual"], dataset_options(sec), sec["stem"])
                  for name, sec in cfg["modalities"].items()}
     for name, d in tasks.items():
-        accelerator.print(f"{name}: {d.task}, {d.num_outputs} outputs, input {d.in_chans}x{d.input_size[0]}x"
-                          f"{d.input_size[1]}, {len(d.splits['train'])}/{len(d.splits['validation'])}/"
+        views = f"{d.views} views x " if d.views else ""
+        accelerator.print(f"{name}: {d.task}, {d.num_outputs} outputs, input {views}{d.in_chans}x{d.input_size[0]}x"
+                          f"{d.input_size[1]}{'' if d.stem == 'backbone' else f' ({d.stem} stem)'}, "
+                          f"{len(d.splits['train'])}/{len(d.splits['validation'])}/"
                           f"{len(d.splits['test'])} train/val/test samples"
                           + "".join(f", {len(d.splits[s])} {s}" for s in extra_test_splits(d.splits)))
     names = list(tasks)
