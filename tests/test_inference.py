@@ -149,3 +149,10 @@ def test_predict_and_evaluate_match_the_slow_path(tmp_path, monkeypatch):
         assert [t["label"] for t in f["top"]] == [t["label"] for t in s["top"]]
         assert [t["probability"] for t in f["top"]] == pytest.approx([t["probability"] for t in s["top"]], abs=1e-5)
     assert isinstance(prepare(model), FastModel)
+
+
+def test_inference_benchmark_checks_every_form_against_the_train_form():
+    from uniperc.bench.inference import measure
+
+    r = measure("van_b0", batch=1, size=32, rounds=1)
+    assert set(r) == {"train", "deploy_nchw", "fast", "max_rel_err"} and r["max_rel_err"] < 1e-4
