@@ -59,7 +59,7 @@ def test_joint_model_gets_one_exact_deploy_form_per_modality():
         with torch.no_grad():
             _close(fast(x, name), model(x, name))
     assert sorted(fast.forms) == ["audio", "image"]  # cached, one per modality
-    assert fast.forms["audio"] is fast._form("audio")[1]
+    assert fast.forms["audio"] is fast._form("audio")
     assert fast.tasks is model.tasks and fast.modalities == model.modalities
 
 
@@ -80,7 +80,7 @@ def test_layout_and_compile_rules():
     torch.manual_seed(0)
     model = timm.create_model("unireplknet_a", num_classes=3, **TINY, kernel_sizes=(3, 5, 5, 5)).eval()
     fast = prepare(model)
-    deployed = fast._form(None)[1]
+    deployed = fast._form(None)
     assert deployed.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert should_compile("auto", COMPILE_MIN_IMAGES) and not should_compile("auto", COMPILE_MIN_IMAGES - 1)
     assert not should_compile("auto", None) and should_compile(True, 1) and not should_compile(False, 10 ** 9)

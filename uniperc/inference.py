@@ -54,7 +54,8 @@ def should_compile(compile: bool | str, images: int | None) -> bool:
 class FastModel(nn.Module):
     """Inference-only stand-in for a model (see :func:`prepare`): ``fast(x)`` for a plain model,
     ``fast(x, modality)`` for a :class:`~uniperc.multimodal.MultiModalNet`, whose ``tasks``, ``heads`` and
-    ``modalities`` it also exposes (the heads' task logic: loss, metrics, postprocessing)."""
+    ``modalities`` it also exposes (the heads' task logic: loss, metrics, postprocessing). It runs on the device
+    its model was on when prepared (move the model first)."""
 
     def __init__(self, model: nn.Module, memory_format: torch.memory_format, compile: bool):
         super().__init__()
@@ -63,7 +64,7 @@ class FastModel(nn.Module):
         self.use_compile = compile
         self.device = next(model.parameters()).device
         self.forms = nn.ModuleDict()  # deploy-form copies: SHARED serves every modality, else one per modality
-        self._graphs = {}  # form key -> (compiled module, input shape it serves)
+        self._graphs = {}  # modality -> (compiled deploy form, the input shape it serves)
 
     @property
     def multimodal(self) -> bool:
@@ -86,7 +87,8 @@ class FastModel(nn.Module):
             raise ValueError("a FastModel is a deploy-form inference copy and cannot train: train the source model")
         return super().train(False)
 
-    def _form(self, modality: str | None) -> tuple[str, nn.Module]:
+    def _form(self, modality: str | None) -> nn.Module:
+        """The deploy-form copy that runs ``modality`` (built on first use)."""
         source = self._source[0]
         if self.multimodal:
             if modality not in source.modalities:
@@ -104,17 +106,18 @@ class FastModel(nn.Module):
                     deployed = reparameterize(copy.deepcopy(source).eval())
             deployed = deployed.to(self.device).to(memory_format=self.memory_format).requires_grad_(False)
             self.forms[key] = deployed
-        return key, self.forms[key]
+        return self.forms[key]
 
     def forward(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
-        key, form = self._form(modality)
+        form = self._form(modality)
         args = (modality,) if self.multimodal else ()
         with torch.inference_mode():
             x = x.to(self.device).contiguous(memory_format=self.memory_format) if x.ndim == 4 else x.to(self.device)
-            if self.use_compile:
-                if key not in self._graphs:
-                    self._graphs[key] = (torch.compile(form, dynamic=False), x.shape)
-                graph, shape = self._graphs[key]
+            if self.use_compile:  # one graph per modality: each has its own stem, head and input shape
+                name = modality or SHARED
+                if name not in self._graphs:
+                    self._graphs[name] = (torch.compile(form, dynamic=False), x.shape)
+                graph, shape = self._graphs[name]
                 if x.shape == shape:
                     form = graph
             out = form(x, *args)
