@@ -14,6 +14,7 @@ if not (_checkout / "uniperc" / "modalities").is_dir() and (_checkout / "modalit
     __path__.append(str(_checkout))
 
 from . import blocks, ops, variants  # noqa: F401  (registration side effects)
+from . import inference  # noqa: F401  (uniperc.inference.prepare after a plain `import uniperc`)
 from .backbone import UniPercNet
 from .convert import convert_checkpoint, load_converted
 from .reparam import reparameterize

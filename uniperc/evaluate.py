@@ -12,6 +12,10 @@ the model's metrics. A run trained on a user's dataset (``source: dataset``) re-
 same column and split mapping; ``--path`` points at another copy of it (e.g. the parquet files of a saved
 ``DatasetDict``; its ``name`` / ``data_files`` are then not reused) and ``--columns`` replaces the mapping. Runs under ``accelerate launch`` too
 (the split is sharded and the outputs gathered).
+
+The model runs in its fastest exact form (:func:`uniperc.inference.prepare`: deploy form per modality, best
+layout, ``torch.compile`` for splits of at least ``uniperc.inference.COMPILE_MIN_IMAGES`` samples unless
+``--compile`` / ``--no-compile`` say otherwise); ``--no-fast`` runs it as loaded.
 """
 from __future__ import annotations
 
@@ -22,12 +26,15 @@ from pathlib import Path
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str | None = None,
                         path: str | None = None, modality: str | None = None, output: str | Path | None = None,
-                        batch_size: int = 64, columns: dict | None = None) -> dict:
-    """Metrics per modality (also written as JSON / PNG files, see the module docstring)."""
+                        batch_size: int = 64, columns: dict | None = None, fast: bool = True,
+                        compile: bool | str = "auto") -> dict:
+    """Metrics per modality (also written as JSON / PNG files, see the module docstring); ``fast`` and ``compile``
+    as in :func:`uniperc.inference.prepare`."""
     from accelerate import Accelerator
 
     from .baselines import compute as compute_baselines, describe
     from .data import dataset_options, load_task, make_loader
+    from .inference import prepare
     from .predict import load_any
     from .scoring import evaluate
 
@@ -43,7 +50,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
     train_cfg = meta.get("train_config") or {}
     out_dir = Path(output) if output else Path(checkpoint)
     accelerator = Accelerator()
-    base, model = model, accelerator.prepare(model)
+    # the fast form only runs forward, so it needs no DistributedDataParallel wrapper, just the device
+    base, model = model, (model.to(accelerator.device) if fast else accelerator.prepare(model))
     results = {}
     for name in names:
         spec = base.tasks[name]
@@ -66,7 +74,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", source: str
                              "for it: modalities.audio.demo.festival_per_class)")
         loader = accelerator.prepare(make_loader(data.splits[split], batch_size, False, 0, 0))
         head = base.heads[name]
-        metrics, outputs, labels = evaluate(accelerator, model, head, loader, name)
+        runner = prepare(model, name, compile=compile, images=len(data.splits[split])) if fast else model
+        metrics, outputs, labels = evaluate(accelerator, runner, head, loader, name)
         results[name] = metrics
         accelerator.print(f"{name} {split} ({len(labels)} samples, {src}): "
                           + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -96,9 +105,14 @@ def main(argv=None):
     parser.add_argument("--modality", help="evaluate only this modality of the model")
     parser.add_argument("--output", help="where to write the JSON / PNG (default: the checkpoint dir)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-fast", dest="fast", action="store_false",
+                        help="run the model as loaded, not in its fast inference form (uniperc.inference)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default="auto",
+                        help="torch.compile the fast form (default: for splits of at least "
+                             "uniperc.inference.COMPILE_MIN_IMAGES samples)")
     args = parser.parse_args(argv)
     evaluate_checkpoint(args.checkpoint, args.split, args.source, args.path, args.modality, args.output, args.batch_size,
-                        args.columns)
+                        args.columns, args.fast, args.compile)
 
 
 def _yaml_mapping(text: str) -> dict:

@@ -24,6 +24,8 @@ deploy-form keys and re-parameterises the new model before loading, so either fo
 ``uniperc.load(DIR)`` rebuilds an export in deploy form and returns it in eval mode; its outputs equal those
 of the exported model in eval mode (up to float rounding of the folded kernels). On a plain timm folder it
 returns the timm model. Export folders of version 1 (the spec in ``config.json``) still load.
+``uniperc.inference.prepare(uniperc.load(DIR))`` is its fastest exact inference form (best layout; for a
+``deploy: false`` joint export, one deploy form per modality), what ``uniperc.predict`` / ``uniperc.evaluate`` run.
 """
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ time, then through that modality's stem and head. The modality is chosen from th
 model's modalities (``--modality`` forces one).
 
 ``--checkpoint`` accepts an export directory (``uniperc.export``), a training run's ``output_dir`` (its
-``model/`` export) or one checkpoint folder ``<output_dir>/checkpoints/step_N`` (train-form weights).
+``model/`` export) or one checkpoint folder ``<output_dir>/checkpoints/step_N`` (train-form weights). Either
+runs in its fastest exact form (:func:`uniperc.inference.prepare`: deploy form, best layout); ``--no-fast``
+runs the model as loaded, ``--compile`` adds ``torch.compile`` (minutes on a CPU: worth it only for many files).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from . import export as export_mod
 from . import runs
+from .inference import FastModel, prepare
 from .multimodal import MultiModalNet
 
 
@@ -63,11 +66,17 @@ def modality_for(path: Path, model: MultiModalNet, forced: str | None = None) ->
 
 
 @torch.no_grad()
-def predict_files(model: MultiModalNet, files: list[str | Path], modality: str | None = None, top_k: int = 3) -> list[dict]:
+def predict_files(model: MultiModalNet | FastModel, files: list[str | Path], modality: str | None = None,
+                  top_k: int = 3, fast: bool = True, compile: bool | str = "auto") -> list[dict]:
     """One result dict per file: file, modality, task, and what the task makes of the outputs
-    (:meth:`uniperc.tasks.Task.postprocess`: the top classes with probabilities, or the regression values)."""
+    (:meth:`uniperc.tasks.Task.postprocess`: the top classes with probabilities, or the regression values).
+    ``fast`` runs a :class:`MultiModalNet` through :func:`uniperc.inference.prepare` (with ``compile``);
+    pass a prepared model to reuse its deploy forms across calls."""
     import uniperc.modalities as modalities
 
+    if fast and not isinstance(model, FastModel):
+        model = prepare(model, compile=compile, images=len(files))
+    device = model.device if isinstance(model, FastModel) else next(model.parameters()).device
     results = []
     for f in files:
         f = Path(f)
@@ -75,7 +84,7 @@ def predict_files(model: MultiModalNet, files: list[str | Path], modality: str |
         spec = model.tasks[name]
         x = modalities.get(name).read_file(f, spec.get("adapter_config"))
         head = model.heads[name]
-        prediction = head.predict(model(x[None].to(next(model.parameters()).device), modality=name))[0]
+        prediction = head.predict(model(x[None].to(device), modality=name))[0]
         row = {"file": str(f), "modality": name, "task": spec["task"],
                **head.task.postprocess(prediction, head.output_names, top_k)}
         results.append(row)
@@ -89,9 +98,14 @@ def main(argv=None):
     parser.add_argument("--modality", help="force the modality instead of choosing it by extension")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object per file")
+    parser.add_argument("--no-fast", dest="fast", action="store_false",
+                        help="run the model as loaded, not in its fast inference form (uniperc.inference)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default="auto",
+                        help="torch.compile the fast form (default: only from "
+                             "uniperc.inference.COMPILE_MIN_IMAGES files on)")
     args = parser.parse_args(argv)
     model, _ = load_any(args.checkpoint)
-    for row in predict_files(model, args.files, args.modality, args.top_k):
+    for row in predict_files(model, args.files, args.modality, args.top_k, args.fast, args.compile):
         if args.json:
             print(json.dumps(row))
         else:

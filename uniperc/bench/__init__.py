@@ -1,1 +1,1 @@
-"""Benchmarks: ``python -m uniperc.bench {backbone,mixers,dwconv,data,weather_memory,...}``."""
+"""Benchmarks: ``python -m uniperc.bench {backbone,inference,mixers,dwconv,data,weather_memory,...}``."""

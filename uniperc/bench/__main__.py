@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("backbone", "mixers", "dwconv", "dwconv_cpu", "data", "recipes", "gpu", "weather_memory")
+BENCHMARKS = ("backbone", "inference", "mixers", "dwconv", "dwconv_cpu", "data", "recipes", "gpu", "weather_memory")
 
 
 def main(argv=None):

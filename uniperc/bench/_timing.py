@@ -35,3 +35,17 @@ def train_images_per_second(model: torch.nn.Module, x: torch.Tensor, repeats: in
 
     model.train()
     return x.shape[0] / median_seconds(step, repeats, device=device)
+
+
+def interleaved_median_seconds(fns: dict[str, Callable[[], object]], rounds: int = 5) -> dict[str, float]:
+    """Median wall time of each ``fn()`` (after one warm-up call each), the candidates taking turns in every round,
+    so a shared machine's load drifts over all of them alike rather than favouring whichever ran in a quiet spell."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
