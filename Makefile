@@ -2,7 +2,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := espeak-ng festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libusb-1.0-0
+APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libusb-1.0-0
 STAMP  := $(VENV)/.installed
 LOCK   := requirements-lock.txt
 
@@ -10,7 +10,7 @@ LOCK   := requirements-lock.txt
 
 install: $(STAMP)
 
-# Debian packages (speech synthesis for the audio demo: espeak-ng for training, festival and its English
+# Debian packages (speech synthesis for the audio demo: espeak-ng and flite for training, festival and its English
 # voices for the held-out-synthesiser test set; libusb for open3d) when run as root, then a
 # virtual environment with the project and its test extras. On CPython 3.11 / x86_64 the pinned lock is
 # installed first (no dependency resolution: about 2 minutes instead of 8); elsewhere pip resolves.

@@ -63,6 +63,12 @@ FESTIVAL_VOICES = {
     "ked_diphone": "festvox-kdlpc16k",  # US male diphone
     "cmu_us_slt_arctic_hts": "festvox-us-slt-hts",  # US female, HMM-based (HTS), 32 kHz
 }
+# CMU flite voices for *training* (flite_per_class > 0): statistical-parametric (clustergen) speech, a second
+# kind of synthesis next to espeak's formants. flite comes from festival's authors, so none of festival's test
+# speakers may be used: kal / kal16 are the kal diphone speaker of kal_diphone, slt is the ARCTIC speaker of
+# cmu_us_slt_arctic_hts; awb_time is a limited-domain talking clock (its "zero" lasts 0.14 s). The value says
+# whether the voice follows ``int_f0_target_mean`` (rms ignores it: its output is bit-identical).
+FLITE_VOICES = {"awb": True, "rms": False}  # awb: Scottish-English male; rms: US male
 SPEECH_COMMANDS_V2_LABELS = (
     "backward", "bed", "bird", "cat", "dog", "down", "eight", "five", "follow", "forward", "four", "go",
     "happy", "house", "learn", "left", "marvin", "nine", "no", "off", "on", "one", "right", "seven",
@@ -320,6 +326,7 @@ class AudioModality(Modality):
         val_fraction: float = 0.1,
         workers: int | None = None,
         festival_per_class: int = 0,
+        flite_per_class: int = 0,
     ):
         """Spoken digits "zero".."nine" from espeak-ng: ``n_per_class`` clips per digit (default 2200 clips).
 
@@ -334,6 +341,11 @@ class AudioModality(Modality):
         ``festival_per_class`` > 0 adds that many clips per digit spoken by festival (:func:`_festival_clips`),
         listed in ``test_festival_list.txt``: the ``test_festival`` split, in no other split. It is 0 by
         default, so only a config that asks for it needs festival installed.
+
+        ``flite_per_class`` > 0 adds that many *training* clips per digit spoken by CMU flite
+        (:func:`_flite_clips`, voices :data:`FLITE_VOICES`): a second kind of synthesis to learn from. A
+        ``val_fraction`` of the flite sessions goes to validation, the rest to train; the test split stays the
+        held-out espeak voices and ``test_festival`` stays unheard. Needs the ``flite`` program.
         """
         import soundfile as sf
 
@@ -347,8 +359,12 @@ class AudioModality(Modality):
             raise ValueError(f"audio demo: n_per_class must be >= 1, got {n_per_class}")
         if festival_per_class < 0:
             raise ValueError(f"audio demo: festival_per_class must be >= 0, got {festival_per_class}")
+        if flite_per_class < 0:
+            raise ValueError(f"audio demo: flite_per_class must be >= 0, got {flite_per_class}")
         if festival_per_class:
             _check_festival()  # before any espeak work, so a missing voice costs no time
+        if flite_per_class:
+            _check_flite()
         root = Path(root)
         rng = np.random.default_rng(seed)
         variants = list(rng.permutation(VARIANTS))
@@ -386,6 +402,14 @@ class AudioModality(Modality):
                 sf.write(root / rel, clip, sr, subtype="PCM_16")
                 if s["split"] in lists:
                     lists[s["split"]].append(rel)
+        if flite_per_class:
+            n_val = round(flite_per_class * val_fraction)
+            for digit, speaker, k, clip, sr in _flite_clips(flite_per_class, seed, workers):
+                rel = f"{digit}/{speaker}_nohash_{k:05d}.wav"
+                sf.write(root / rel, clip, sr, subtype="PCM_16")
+                if k < n_val:
+                    lists["validation"].append(rel)
+            pools["flite"] = [f"flite-{v}" for v in FLITE_VOICES]
         (root / "validation_list.txt").write_text("\n".join(lists["validation"]) + "\n")
         (root / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n")
         if festival_per_class:
@@ -499,6 +523,73 @@ def _festival_clips(n_per_class: int, seed: int):
                 words.append(_trim_below_peak(wave, int(0.01 * sr), top_db=40.0))
             for d, clip in zip(DIGITS, _postprocess(words, sr, np.random.default_rng(s["seed"]))):
                 yield d, f"festival-{s['voice']}", s["k"], clip, sr
+
+
+def _check_flite() -> None:
+    """``ValueError`` when flite or one of :data:`FLITE_VOICES` is missing: flite speaks an unknown voice
+    silently with its default, kal, which is festival's test speaker."""
+    if shutil.which("flite") is None:
+        raise ValueError(
+            "audio demo: flite_per_class > 0 needs the CMU flite speech synthesiser, which was not found on "
+            "PATH; install it (Debian/Ubuntu: `apt-get install -y flite`) or set flite_per_class to 0"
+        )
+    listed = subprocess.run(["flite", "-lv"], capture_output=True, text=True, check=True).stdout.split()
+    missing = [v for v in FLITE_VOICES if v not in listed]
+    if missing:
+        raise ValueError(f"audio demo: flite lacks the voice(s) {', '.join(missing)} (`flite -lv` lists "
+                         f"{' '.join(listed[2:])}); install Debian's flite package or set flite_per_class to 0")
+
+
+def _flite(text: str, voice: str, features: dict, out: Path) -> tuple[np.ndarray, int]:
+    """One flite call writing ``out``; a failure is a ``ValueError`` naming the voice and the command."""
+    import soundfile as sf
+
+    cmd = ["flite", "-voice", voice, *[a for f, v in features.items() for a in ("--setf", f"{f}={v:.3f}")],
+           "-t", text, "-o", str(out)]
+    try:
+        subprocess.run(cmd, capture_output=True, check=True, text=True)
+        wave, sr = sf.read(out, dtype="float32")
+    except (subprocess.CalledProcessError, sf.LibsndfileError) as e:
+        detail = getattr(e, "stderr", None) or e
+        raise ValueError(f"audio demo: flite voice {voice!r} failed ({' '.join(cmd)}): {detail}") from None
+    if wave.size == 0 or np.abs(wave).max() < 1e-3:
+        raise ValueError(f"audio demo: flite voice {voice!r} wrote silence for {text!r} ({' '.join(cmd)})")
+    return wave, sr
+
+
+def _flite_clips(n_per_class: int, seed: int, workers: int):
+    """``(digit, speaker, k, clip, rate)`` for ``n_per_class`` flite sessions of the ten digits.
+
+    A session is one voice (alternating over :data:`FLITE_VOICES`), a ``duration_stretch`` of 0.8-1.25 and,
+    for voices that follow it, an ``int_f0_target_mean`` of 85-165 Hz. flite's SSML breaks leave no exact
+    silence to cut at, so each digit is its own call (about 0.05 s each); the words are trimmed 40 dB below
+    their peak (flite's silence is not exact zeros) and go through :func:`_postprocess` like every clip.
+    """
+    import tempfile
+
+    rng = np.random.default_rng([seed, 11])  # its own stream: the espeak and festival parts do not change
+    voices = list(FLITE_VOICES)
+    sessions = []
+    for k in range(n_per_class):
+        voice = voices[k % len(voices)]
+        features = {"duration_stretch": float(rng.uniform(0.8, 1.25))}
+        f0 = float(rng.uniform(85, 165))  # drawn for every session, so the stream does not depend on the voice
+        if FLITE_VOICES[voice]:
+            features["int_f0_target_mean"] = f0
+        sessions.append({"k": k, "voice": voice, "features": features, "seed": int(rng.integers(2**31))})
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def session(s):
+            waves = [_flite(d, s["voice"], s["features"], Path(tmp) / f"{s['k']}_{d}.wav") for d in DIGITS]
+            sr = waves[0][1]
+            words = [_trim_below_peak(w, int(0.01 * sr), top_db=40.0) for w, _ in waves]
+            return _postprocess(words, sr, np.random.default_rng(s["seed"])), sr
+
+        with ThreadPoolExecutor(workers) as pool:  # the work is in flite processes: threads suffice
+            results = list(pool.map(session, sessions))
+    for s, (clips, sr) in zip(sessions, results):
+        for d, clip in zip(DIGITS, clips):
+            yield d, f"flite-{s['voice']}", s["k"], clip, sr
 
 
 def _split_on_silence(wave: np.ndarray, min_gap: int) -> list[np.ndarray]:

@@ -198,3 +198,52 @@ def test_voice_augmentation_only_in_training_and_validated():
         m.config(vtln_warp=0.7)
     with pytest.raises(ValueError, match="tempo"):
         m.config(tempo=-0.1)
+
+
+needs_flite = pytest.mark.skipif(shutil.which("flite") is None or shutil.which("espeak-ng") is None,
+                                 reason="flite or espeak-ng not installed")
+
+
+@needs_flite
+@needs_festival
+def test_flite_clips_only_in_train_and_validation(tmp_path):
+    root = m.make_demo(tmp_path / "d", seed=0, n_per_class=3, val_fraction=0.34, festival_per_class=1,
+                       flite_per_class=3)
+    raw = {k: v.with_format(None) for k, v in m.load("folder", path=root, cfg=m.demo_config()).items()}
+    flite = {k: {s for s in v["speaker"] if s.startswith("flite-")} for k, v in raw.items()}
+    assert flite["train"] == {"flite-awb", "flite-rms"} and flite["validation"] == {"flite-awb"}  # session 0
+    assert not flite["test"] and not flite["test_festival"] and len(raw["test_festival"]) == 10
+    assert sum(s.startswith("flite-") for v in raw.values() for s in v["speaker"]) == 30
+    assert json.loads((root / "voices.json").read_text())["flite"] == ["flite-awb", "flite-rms"]
+    wave, sr = sf.read(root / "seven" / "flite-rms_nohash_00001.wav")
+    assert sr == 16000 and 0.2 < len(wave) / sr < 1.5 and np.abs(wave).max() > 0.1
+
+
+@needs_flite
+def test_flite_voices_are_not_festivals_test_speakers(monkeypatch, tmp_path):
+    from uniperc.modalities import audio
+
+    assert set(audio.FLITE_VOICES) == {"awb", "rms"}  # not kal/kal16 (kal_diphone) nor slt (slt HTS)
+    calls = []
+    real = audio._flite
+    monkeypatch.setattr(audio, "_flite", lambda text, voice, features, out: calls.append((voice, features))
+                        or real(text, voice, features, out))
+    list(audio._flite_clips(2, seed=0, workers=1))
+    assert {v for v, _ in calls} == {"awb", "rms"} and len(calls) == 20
+    assert all(("int_f0_target_mean" in f) == (v == "awb") and 0.8 <= f["duration_stretch"] <= 1.25
+               for v, f in calls)
+
+
+def test_missing_flite_is_a_clear_value_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/espeak-ng" if name == "espeak-ng" else None)
+    with pytest.raises(ValueError, match="flite.*apt-get install -y flite"):
+        m.make_demo(tmp_path, n_per_class=1, flite_per_class=1)
+    with pytest.raises(ValueError, match="flite_per_class must be >= 0"):
+        m.make_demo(tmp_path, n_per_class=1, flite_per_class=-1)
+
+
+def test_flite_per_class_changes_the_demo_cache_key(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(type(m), "make_demo", lambda self, root, seed=0, **kw: made.append(kw))
+    roots = {m.ensure_demo(tmp_path, festival_per_class=30, flite_per_class=n).name for n in (0, 40, 60)}
+    assert len(roots) == 3 and [kw["flite_per_class"] for kw in made] == [0, 40, 60]
