@@ -47,13 +47,16 @@ def accelerated(k: int, dilation: int) -> bool:
     return k >= 15 or (k >= 5 and dilation <= 2)
 
 
-def forward_layout(k: int, dilation: int, given: torch.memory_format) -> torch.memory_format:
+def forward_layout(k: int, dilation: int, given: torch.memory_format, width: Optional[int] = None) -> torch.memory_format:
     """Layout aten's depthwise forward runs fastest in, for an input in layout ``given``. Its NCHW
     kernel falls to a slow path at K >= 15 (20-45x slower: K=51 on 8x64x56x51, 4074 vs 89 ms) and
     at dilation >= 2 with K >= 7 (K=13 d=2: 128 vs 67 ms), and is 2-6x faster than channels_last for
     11 <= K <= 13 at dilation 1. Elsewhere both are fast and a layout conversion (~2 ms each way on
-    8x40x56x56) costs more than it saves, so the input's own layout is kept."""
-    if k >= 15 or (dilation >= 2 and k >= 7):
+    8x40x56x56) costs more than it saves, so the input's own layout is kept. Whatever K, the NCHW kernel is
+    also slow when the padding is wider than the plane (``dilation * (k // 2) > width``: UniRepLKNet-A's
+    stage 4 at 128 px, 4x320x4x4 with K=13, 4.0 vs 0.11 ms; 8x128x16x4: 11.9 vs 0.46 ms), so those run in
+    channels_last too."""
+    if k >= 15 or (dilation >= 2 and k >= 7) or (width is not None and dilation * (k // 2) > width):
         return torch.channels_last
     if dilation == 1 and k in FWD_NCHW_K:
         return torch.contiguous_format
@@ -64,7 +67,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) ->
     """``conv(x, weight) + bias`` ('same' padding), in the accumulation dtype, in any layout."""
     k, acc = weight.shape[-1], _acc(x.dtype)
     given = torch.channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
-    xc = x.to(acc).contiguous(memory_format=forward_layout(k, dilation, given))
+    xc = x.to(acc).contiguous(memory_format=forward_layout(k, dilation, given, width=x.shape[-1]))
     return F.conv2d(xc, weight.to(acc), None if bias is None else bias.to(acc),
                     padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
 
