@@ -76,3 +76,34 @@ def randomize_bn_and_scales(model: torch.nn.Module, seed: int = 0) -> torch.nn.M
 
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().sum() / b.abs().sum()).item()
+
+
+#: two modalities with very different input statistics, for joint-model tests
+JOINT_TASKS = {"audio": dict(in_chans=1, task="classification", num_outputs=5),
+               "image": dict(in_chans=3, task="classification", num_outputs=4)}
+
+
+def warmed_joint_net(batch: int = 4, rounds: int = 3):
+    """A tiny audio + image ``MultiModalNet`` (UniRepLKNet shell, non-identity blocks) whose per-modality
+    BatchNorm statistics have seen ``rounds`` batches of very different inputs; in eval mode, with the inputs."""
+    from uniperc.multimodal import MultiModalNet
+
+    torch.manual_seed(0)
+    kwargs = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), kernel_sizes=(3, 5, 7, 5))
+    model = randomize_bn_and_scales(MultiModalNet("unireplknet_a", JOINT_TASKS, kwargs))
+    inputs = {"audio": torch.randn(batch, 1, 32, 32) * 4 + 2, "image": torch.randn(batch, 3, 32, 32) * 0.2}
+    model.train()
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, x in inputs.items():
+                model(x, name)
+    return model.eval(), inputs
+
+
+@pytest.fixture(scope="module")
+def module_data_cache(tmp_path_factory):
+    """A private demo-data folder for one module (tiny sets, generated once per module)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UNIPERC_DATA", str(tmp_path_factory.mktemp("data")))
+    yield
+    mp.undo()

@@ -9,7 +9,7 @@ import torch
 
 from uniperc.inference import COMPILE_MIN_IMAGES, FastModel, choose_layout, prepare, should_compile
 from uniperc.multimodal import MultiModalNet
-from conftest import randomize_bn_and_scales
+from conftest import JOINT_TASKS as TASKS, randomize_bn_and_scales, warmed_joint_net
 
 FAMILIES = [
     ("unireplknet_a", dict(kernel_sizes=(3, 13, 5, 5))),
@@ -18,8 +18,6 @@ FAMILIES = [
     ("van_b0", {}),
 ]
 TINY = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))
-TASKS = {"audio": dict(in_chans=1, task="classification", num_outputs=5),
-         "image": dict(in_chans=3, task="classification", num_outputs=4)}
 
 
 def _close(a, b):
@@ -39,20 +37,8 @@ def test_every_family_is_exact_in_each_layout(name, kwargs):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is left as it was
 
 
-def _joint():
-    torch.manual_seed(0)
-    model = randomize_bn_and_scales(MultiModalNet("unireplknet_a", TASKS, dict(TINY, kernel_sizes=(3, 5, 7, 5))))
-    xa, xi = torch.randn(4, 1, 32, 32) * 4 + 2, torch.randn(4, 3, 32, 32) * 0.2  # very different statistics
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(xa, "audio")
-            model(xi, "image")
-    return model.eval(), {"audio": xa, "image": xi}
-
-
 def test_joint_model_gets_one_exact_deploy_form_per_modality():
-    model, inputs = _joint()
+    model, inputs = warmed_joint_net()
     assert model.norm_stats_per_modality
     fast = prepare(model)
     for name, x in inputs.items():
@@ -88,7 +74,7 @@ def test_layout_and_compile_rules():
 
 
 def test_bad_input_is_refused():
-    model, inputs = _joint()
+    model, inputs = warmed_joint_net()
     fast = prepare(model)
     with pytest.raises(ValueError, match="no stem"):
         fast(inputs["image"], "video")

@@ -8,27 +8,14 @@ import torch
 
 import uniperc
 from uniperc.multimodal import MultiModalNet
-from conftest import randomize_bn_and_scales
+from conftest import JOINT_TASKS as TASKS, warmed_joint_net
 
 TINY = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), kernel_sizes=(3, 5, 7, 5))
-TASKS = {"audio": dict(in_chans=1, task="classification", num_outputs=5),
-         "image": dict(in_chans=3, task="classification", num_outputs=4)}
-
-
-def _joint():
-    torch.manual_seed(0)
-    model = randomize_bn_and_scales(MultiModalNet("unireplknet_a", TASKS, TINY))  # blocks that are not identities
-    xa, xi = torch.randn(6, 1, 32, 32) * 4 + 2, torch.randn(6, 3, 32, 32) * 0.2  # very different activations
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(xa, "audio")
-            model(xi, "image")
-    return model.eval(), xa, xi
 
 
 def test_one_modality_training_leaves_the_others_statistics_alone():
-    model, xa, xi = _joint()
+    model, inputs = warmed_joint_net(batch=6, rounds=4)
+    xa, xi = inputs["audio"], inputs["image"]
     with torch.no_grad():
         before = model(xa, "audio")
         model.train()
@@ -44,7 +31,8 @@ def test_one_modality_training_leaves_the_others_statistics_alone():
 
 @pytest.mark.parametrize("modality", list(TASKS))
 def test_each_modality_deploys_and_exports_to_timm_exactly(modality):
-    model, xa, xi = _joint()
+    model, inputs = warmed_joint_net(batch=6, rounds=4)
+    xa, xi = inputs["audio"], inputs["image"]
     x = xa if modality == "audio" else xi
     with torch.no_grad():
         ref = model(x, modality)
@@ -60,7 +48,7 @@ def test_each_modality_deploys_and_exports_to_timm_exactly(modality):
 
 
 def test_a_joint_model_refuses_deploy_form_without_a_modality():
-    model, _, _ = _joint()
+    model, _ = warmed_joint_net(batch=6, rounds=4)
     with pytest.raises(ValueError, match="per modality"):
         uniperc.reparameterize(copy.deepcopy(model))
     with pytest.raises(ValueError, match="name the modality"):

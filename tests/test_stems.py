@@ -24,13 +24,7 @@ KWARGS = {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "kernel_sizes": [3, 5
 KNOWN_CHANNELS = {"weather": {"variables": ["t2m", "q"]}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _data_cache(tmp_path_factory):
-    """Demo sets for these tests go to a private cache (tiny, generated once per module)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("UNIPERC_DATA", str(tmp_path_factory.mktemp("data")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_data_cache")  # demo sets in a private folder, once per module
 
 
 def tiny(modalities_, out, *overrides):

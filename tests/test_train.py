@@ -15,13 +15,7 @@ TINY = str(CONFIG_DIR / "tiny.yaml")
 MODALITIES = ["image", "audio", "point_cloud", "weather", "video"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _data_cache(tmp_path_factory):
-    """Demo sets for these tests go to a private cache (tiny, generated once per module)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("UNIPERC_DATA", str(tmp_path_factory.mktemp("data")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_data_cache")  # demo sets in a private folder, once per module
 
 
 def tiny(modalities, out, *overrides):
