@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import uniperc.modalities as modalities
-from uniperc.modalities.video import decode_frames, grid_shape, mosaic, sample_indices
+from uniperc.modalities.video import decode_frames, grid_shape, mosaic, sample_indices, to_rgb
 
 m = modalities.get("video")
 
@@ -62,6 +62,20 @@ def test_demo_round_trip_and_motion_direction(demo):
     s = dsd["test"][0]
     assert s["inputs"].shape == (3, 64, 128) and s["labels"].dtype == torch.long
     assert torch.equal(dsd["test"][0]["inputs"], s["inputs"])
+
+
+def test_reused_reformatter_gives_pyav_pixels_across_frame_sizes(demo, tmp_path):
+    """The per-thread reformatter keeps its context between clips; a clip of another size must still convert right."""
+    import av
+
+    _, root = demo
+    small = next(root.rglob("*.mp4"))
+    big = tmp_path / "big"
+    m.make_demo(big, seed=1, n_per_class=1, size=40, min_frames=3, max_frames=3)
+    for f in (small, next(big.rglob("*.mp4")), small):
+        with av.open(str(f)) as container:
+            for frame in container.decode(container.streams.video[0]):
+                assert np.array_equal(to_rgb(frame), frame.to_ndarray(format="rgb24")), f
 
 
 def test_channels_layout_and_short_clip_file(demo, tmp_path):
