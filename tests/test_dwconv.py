@@ -544,3 +544,34 @@ def test_cpu_bench_runs(capsys):
     assert "fwdbwd/fwd" in capsys.readouterr().out
     with pytest.raises(ValueError, match="odd K"):
         bench.main(["--shapes", "1x2x6x7x4"])
+
+
+def test_taps_beyond_a_small_plane_are_dropped_exactly(monkeypatch):
+    """On planes smaller than the kernel's reach (a large-kernel net's last stages on small inputs) the CPU op
+    computes only the taps that can touch the plane: same forward, input and weight gradients as F.conv2d (fp64),
+    the dropped taps' weight gradient exactly zero, and the aten weight gradient is asked for the reach only."""
+    assert [dwc.reach(k, d, h, w) for k, d, h, w in ((7, 1, 1, 1), (7, 1, 2, 3), (13, 1, 3, 5), (13, 2, 3, 5),
+                                                    (7, 3, 4, 4), (31, 1, 40, 40), (5, 1, 2, 2))] == [
+        1, 5, 9, 5, 3, 31, 3]
+    set_backend("torch")
+    asked = []
+    aten = dwc.aten_weight_grad
+    monkeypatch.setattr(dwc, "aten_weight_grad", lambda dy, x, k, d: asked.append(k) or aten(dy, x, k, d))
+    g = torch.Generator().manual_seed(3)
+    for (h, w), k, d in (((1, 1), 7, 1), ((2, 3), 13, 1), ((3, 5), 13, 2), ((1, 5), 31, 3), ((4, 4), 7, 3)):
+        x = torch.randn(2, 4, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+        wt = torch.randn(4, 1, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+        xr, wr = x.detach().clone().requires_grad_(), wt.detach().clone().requires_grad_()
+        y = dwconv2d(x, wt, dilation=d)
+        yr = F.conv2d(xr, wr, padding=d * (k // 2), dilation=d, groups=4)
+        gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        y.backward(gy)
+        yr.backward(gy)
+        for name, a, b in (("y", y, yr), ("dx", x.grad, xr.grad), ("dw", wt.grad, wr.grad)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{name} {(h, w)} K={k} d={d}")
+        r = dwc.reach(k, d, h, w)
+        q = (k - r) // 2
+        outside = torch.ones(k, k, dtype=torch.bool)
+        outside[q:q + r, q:q + r] = False
+        assert (wt.grad[:, :, outside] == 0).all()
+    assert asked and max(asked) <= 5, asked  # aten was never asked for the whole 7..31 kernel

@@ -127,6 +127,9 @@ def _dwconv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optio
     if _uses_triton(x):
         return _triton_kernels().forward(x, weight, bias, scale, shift, dilation, out=_empty_output(x))
     k = weight.shape[-1]
+    if x.device.type == "cpu":  # taps that only meet the padding are dropped first (exact)
+        k = dwconv_cpu.reach(k, dilation, x.shape[-2], x.shape[-1])
+        weight = dwconv_cpu.centre(weight, k)
     if x.device.type == "cpu" and dwconv_cpu.accelerated(k, dilation):  # fp32 for bf16 / fp16, rounded below
         y = dwconv_cpu.forward(x, weight, bias, dilation)
     else:
@@ -154,14 +157,16 @@ def _weight_grad_op(grad_out: Tensor, x: Tensor, kernel_size: int, dilation: int
     dtype (fp32, fp64 for fp64 inputs) so the affine gradients derived from it keep full precision."""
     if _uses_triton(x):
         return _triton_kernels().weight_grad(grad_out, x, kernel_size, dilation)
-    if x.device.type == "cpu" and dwconv_cpu.accelerated(kernel_size, dilation):
-        return dwconv_cpu.weight_grad(grad_out, x, kernel_size, dilation)
-    c = x.shape[1]
-    # aten's conv backward only reads the weight's shape when just the weight gradient is asked for
-    _, gw, _ = torch.ops.aten.convolution_backward(
-        grad_out, x, x.new_empty(c, 1, kernel_size, kernel_size), None, [1, 1],
-        [dilation * (kernel_size // 2)] * 2, [dilation, dilation], False, [0, 0], c, [False, True, False])
-    return gw.to(_acc_dtype(x))
+    if x.device.type != "cpu":
+        return dwconv_cpu.aten_weight_grad(grad_out, x, kernel_size, dilation).to(_acc_dtype(x))
+    # the taps that only meet the padding have a zero gradient: computed for the centre that reaches the plane
+    k = dwconv_cpu.reach(kernel_size, dilation, x.shape[-2], x.shape[-1])
+    if dwconv_cpu.accelerated(k, dilation):
+        g = dwconv_cpu.weight_grad(grad_out, x, k, dilation)
+    else:
+        g = dwconv_cpu.aten_weight_grad(grad_out, x, k, dilation).to(_acc_dtype(x))
+    q = (kernel_size - k) // 2
+    return F.pad(g, (q, q, q, q)) if q else g
 
 
 @_weight_grad_op.register_fake

@@ -35,7 +35,9 @@ class SeededAugment(torch.utils.data.Dataset):
         sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            # the CPU generator only: torch.manual_seed would also queue a seed for every CUDA device, recording
+            # a stack trace each time (1.2 ms of the 7.7 ms an audio sample takes)
+            torch.default_generator.manual_seed(sample_seed)
             random.seed(sample_seed)
             np.random.seed(sample_seed % 2**32)
             try:
