@@ -225,3 +225,39 @@ def test_every_shipped_config_is_valid(path):
     names = list(yaml.safe_load(path.read_text())["modalities"])
     cfg = compose(names, str(path), [])
     assert list(cfg["modalities"]) == names
+
+
+def test_repeat_passes_over_a_split_several_times_per_epoch_and_resumes_inside_a_pass(tmp_path):
+    """``modalities.<m>.repeat: 2``: an epoch holds two differently shuffled and augmented passes over the split
+    (twice the batches in the schedule); a resumed epoch continues inside the second pass exactly; ``repeat: 1`` is
+    the plain epoch (the loader at that epoch)."""
+    from uniperc.train import loop
+
+    def batches(it):
+        return [(b["inputs"].clone(), b["labels"].clone()) for b in it]
+
+    s = loop.setup(resolve(tiny(["image"], tmp_path / "r2", "modalities.image.repeat=2")))
+    n = len(s.train_loaders["image"])
+    assert s.lengths == {"image": 2 * n} and s.total_steps == 4  # max_steps still caps the run
+    full = batches(loop._passes(s, "image", 1, 0))
+    assert len(full) == 2 * n
+    first, second = full[:n], full[n:]
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, second))  # another shuffle / augmentation
+    loader = s.train_loaders["image"]
+    for k, part in ((0, first), (1, second)):  # pass k of epoch 1 is loader epoch 1 * 2 + k
+        s.train_sets["image"].set_epoch(2 + k)
+        loader.set_epoch(2 + k)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(part, batches(loader)))
+    resumed = batches(loop._passes(s, "image", 1, n + 1))
+    assert len(resumed) == n - 1 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                         for a, b in zip(resumed, full[n + 1:]))
+
+    s1 = loop.setup(resolve(tiny(["image"], tmp_path / "r1")))
+    assert s1.lengths == {"image": n}
+    passed = batches(loop._passes(s1, "image", 3, 0))
+    plain = s1.train_loaders["image"]
+    s1.train_sets["image"].set_epoch(3)
+    plain.set_epoch(3)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(passed, batches(plain)))
+    with pytest.raises(ValueError, match=r"modalities\.image\.repeat"):
+        resolve(tiny(["image"], tmp_path / "r0", "modalities.image.repeat=0"))

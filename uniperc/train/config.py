@@ -4,7 +4,7 @@ A run is described by one nested dict (plain values, nanoGPT style) with four se
 
 ``seed``, ``output_dir``
 ``modalities``: ``{name: {source, path, name, data_files, columns, splits, config, demo, batch_size,
-eval_batch_size, label_smoothing, loss_weight, head, residual, stem}}`` (``name`` .. ``splits``: ``source: dataset``)
+eval_batch_size, label_smoothing, loss_weight, repeat, head, residual, stem}}`` (``name`` .. ``splits``: ``source: dataset``)
 ``model``:      ``{backbone, mixer, kwargs, drop_path_rate, drop_rate}``
 ``train``:      optimisation, precision, checkpointing, logging (see :data:`DEFAULTS`).
 
@@ -48,6 +48,7 @@ MODALITY_DEFAULTS: dict[str, Any] = {
     "eval_batch_size": None,   # None = 2 x batch_size
     "label_smoothing": 0.1,    # classification heads only
     "loss_weight": 1.0,        # multiplies this task's loss in joint training
+    "repeat": 1,               # passes over this modality's training split per epoch (joint: one that needs more steps)
     "head": "auto",            # auto | pooled | dense; auto = dense when the modality's target is a field (weather)
     "residual": None,          # dense head adds the last input step: None = where the modality gives one
     "stem": "auto",            # auto | backbone | a stem the modality supplies (its `stems`); auto = its own choice
@@ -251,6 +252,7 @@ def resolve(config: dict) -> dict:
         _number(s, "eval_batch_size", prefix + "eval_batch_size", 1, integer=True, allow_none=True)
         _number(s, "label_smoothing", prefix + "label_smoothing", 0.0, 0.99)
         _number(s, "loss_weight", prefix + "loss_weight", 0.0, low_open=True)
+        _number(s, "repeat", prefix + "repeat", 1, integer=True)
         if s["head"] not in ("auto", *HEADS):
             raise ValueError(f"{prefix}head must be one of {('auto', *HEADS)}, got {s['head']!r}")
         if s["residual"] not in (None, True, False):

@@ -227,7 +227,7 @@ def setup(cfg: dict, resume: bool | str = False, force: bool = False) -> Session
     eval_loaders = {}
     for (split, n), loader in zip(eval_keys, loaders[k:]):
         eval_loaders.setdefault(split, {})[n] = loader
-    lengths = {n: len(dl) for n, dl in train_loaders.items()}
+    lengths = {n: len(dl) * cfg["modalities"][n]["repeat"] for n, dl in train_loaders.items()}
     for n, count in lengths.items():
         if count == 0:
             raise ValueError(f"modalities.{n}.batch_size {cfg['modalities'][n]['batch_size']} is too large: the "
@@ -360,12 +360,7 @@ def fit(s: Session) -> None:
         epoch = state["epoch"]
         order = schedule(lengths, t["interleave"], s.cfg["seed"], epoch)
         done = Counter(order[:state["step_in_epoch"]])
-        iters = {}
-        for n, dl in s.train_loaders.items():
-            s.train_sets[n].set_epoch(epoch)
-            dl = acc.skip_first_batches(dl, done[n]) if done[n] else dl
-            dl.set_epoch(epoch)
-            iters[n] = iter(dl)
+        iters = {n: _passes(s, n, epoch, done[n]) for n in s.names}
         s.model.train()
         for pos in range(state["step_in_epoch"], len(order)):
             name = order[pos]
@@ -401,6 +396,21 @@ def fit(s: Session) -> None:
         save()  # end of the epoch, or where max_steps stopped it
     bar.close()
     _check_replicas(s)
+
+
+def _passes(s: Session, name: str, epoch: int, done: int):
+    """The training batches of ``name`` in one epoch: ``repeat`` passes over its loader, pass ``k`` shuffled and
+    augmented as loader epoch ``epoch * repeat + k`` (so every pass differs, and ``repeat: 1`` is the plain epoch),
+    after the first ``done`` batches (a resumed epoch)."""
+    loader, repeat = s.train_loaders[name], s.cfg["modalities"][name]["repeat"]
+    first, skip = divmod(done, len(loader))
+    for k in range(first, repeat):
+        pass_epoch = epoch * repeat + k
+        s.train_sets[name].set_epoch(pass_epoch)
+        dl = s.accelerator.skip_first_batches(loader, skip) if skip else loader
+        dl.set_epoch(pass_epoch)
+        skip = 0
+        yield from dl
 
 
 def _validate(s: Session, bar) -> None:
