@@ -157,11 +157,10 @@ def _weight_grad_op(grad_out: Tensor, x: Tensor, kernel_size: int, dilation: int
     dtype (fp32, fp64 for fp64 inputs) so the affine gradients derived from it keep full precision."""
     if _uses_triton(x):
         return _triton_kernels().weight_grad(grad_out, x, kernel_size, dilation)
-    if x.device.type != "cpu":
-        return dwconv_cpu.aten_weight_grad(grad_out, x, kernel_size, dilation).to(_acc_dtype(x))
-    # the taps that only meet the padding have a zero gradient: computed for the centre that reaches the plane
-    k = dwconv_cpu.reach(kernel_size, dilation, x.shape[-2], x.shape[-1])
-    if dwconv_cpu.accelerated(k, dilation):
+    k = kernel_size
+    if x.device.type == "cpu":  # the taps that only meet the padding have a zero gradient, filled in below
+        k = dwconv_cpu.reach(k, dilation, x.shape[-2], x.shape[-1])
+    if x.device.type == "cpu" and dwconv_cpu.accelerated(k, dilation):
         g = dwconv_cpu.weight_grad(grad_out, x, k, dilation)
     else:
         g = dwconv_cpu.aten_weight_grad(grad_out, x, k, dilation).to(_acc_dtype(x))
