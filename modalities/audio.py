@@ -130,7 +130,7 @@ def _librosa_load(path, what, first_error):
 class AudioModality(Modality):
     name = "audio"
     task = "classification"
-    demo_version = 2  # bumped when the generator changes, so cached demo sets are rebuilt
+    demo_version = 3  # bumped when the generator changes, so cached demo sets are rebuilt
     file_extensions = AUDIO_EXTENSIONS
     input_field = "audio"  # a user's dataset: an Audio column (or {"bytes", "path"} structs)
     input_media = "Audio"  # or a column of file paths / bytes
@@ -327,6 +327,7 @@ class AudioModality(Modality):
         workers: int | None = None,
         festival_per_class: int = 0,
         flite_per_class: int = 0,
+        flite_formant_scale: tuple[float, float] = (1.0, 1.0),
     ):
         """Spoken digits "zero".."nine" from espeak-ng: ``n_per_class`` clips per digit (default 2200 clips).
 
@@ -346,6 +347,8 @@ class AudioModality(Modality):
         (:func:`_flite_clips`, voices :data:`FLITE_VOICES`): a second kind of synthesis to learn from. A
         ``val_fraction`` of the flite sessions goes to validation, the rest to train; the test split stays the
         held-out espeak voices and ``test_festival`` stays unheard. Needs the ``flite`` program.
+        ``flite_formant_scale`` ``(low, high)``: each flite session's vocal-tract scale is drawn uniformly from it
+        (1 = the voice as it is; see :func:`_flite_clips`).
         """
         import soundfile as sf
 
@@ -361,6 +364,9 @@ class AudioModality(Modality):
             raise ValueError(f"audio demo: festival_per_class must be >= 0, got {festival_per_class}")
         if flite_per_class < 0:
             raise ValueError(f"audio demo: flite_per_class must be >= 0, got {flite_per_class}")
+        if len(flite_formant_scale) != 2 or not 0.5 <= flite_formant_scale[0] <= flite_formant_scale[1] <= 2:
+            raise ValueError(f"audio demo: flite_formant_scale must be [low, high] with 0.5 <= low <= high <= 2, "
+                             f"got {flite_formant_scale}")
         if festival_per_class:
             _check_festival()  # before any espeak work, so a missing voice costs no time
         if flite_per_class:
@@ -404,7 +410,7 @@ class AudioModality(Modality):
                     lists[s["split"]].append(rel)
         if flite_per_class:
             n_val = round(flite_per_class * val_fraction)
-            for digit, speaker, k, clip, sr in _flite_clips(flite_per_class, seed, workers):
+            for digit, speaker, k, clip, sr in _flite_clips(flite_per_class, seed, workers, flite_formant_scale):
                 rel = f"{digit}/{speaker}_nohash_{k:05d}.wav"
                 sf.write(root / rel, clip, sr, subtype="PCM_16")
                 if k < n_val:
@@ -557,31 +563,43 @@ def _flite(text: str, voice: str, features: dict, out: Path) -> tuple[np.ndarray
     return wave, sr
 
 
-def _flite_clips(n_per_class: int, seed: int, workers: int):
+def _flite_clips(n_per_class: int, seed: int, workers: int, formant_scale: tuple[float, float] = (1.0, 1.0)):
     """``(digit, speaker, k, clip, rate)`` for ``n_per_class`` flite sessions of the ten digits.
 
-    A session is one voice (alternating over :data:`FLITE_VOICES`), a ``duration_stretch`` of 0.8-1.25 and,
-    for voices that follow it, an ``int_f0_target_mean`` of 85-165 Hz. flite's SSML breaks leave no exact
-    silence to cut at, so each digit is its own call (about 0.05 s each); the words are trimmed 40 dB below
-    their peak (flite's silence is not exact zeros) and go through :func:`_postprocess` like every clip.
+    A session is one voice (alternating over :data:`FLITE_VOICES`), a ``duration_stretch`` of 0.8-1.25, for
+    voices that follow it an ``int_f0_target_mean`` of 85-165 Hz, and a vocal-tract scale ``a`` uniform in
+    ``formant_scale``: the words are synthesised ``a`` times slower and then played ``a`` times faster (resampled),
+    which scales formants and pitch by ``a`` at the drawn duration. flite's only voices that are not festival's
+    test speakers are male; ``a`` of 1.1-1.3 gives them shorter vocal tracts, as women's and children's are.
+    flite's SSML breaks leave no exact silence to cut at, so each digit is its own call (about 0.05 s each); the
+    words are trimmed 40 dB below their peak (flite's silence is not exact zeros) and go through
+    :func:`_postprocess` like every clip.
     """
     import tempfile
+
+    import torchaudio
 
     rng = np.random.default_rng([seed, 11])  # its own stream: the espeak and festival parts do not change
     voices = list(FLITE_VOICES)
     sessions = []
     for k in range(n_per_class):
         voice = voices[k % len(voices)]
-        features = {"duration_stretch": float(rng.uniform(0.8, 1.25))}
+        stretch = float(rng.uniform(0.8, 1.25))
         f0 = float(rng.uniform(85, 165))  # drawn for every session, so the stream does not depend on the voice
+        scale = round(float(rng.uniform(*formant_scale)), 2)
+        features = {"duration_stretch": stretch * scale}
         if FLITE_VOICES[voice]:
             features["int_f0_target_mean"] = f0
-        sessions.append({"k": k, "voice": voice, "features": features, "seed": int(rng.integers(2**31))})
+        sessions.append({"k": k, "voice": voice, "features": features, "scale": scale,
+                         "seed": int(rng.integers(2**31))})
     with tempfile.TemporaryDirectory() as tmp:
 
         def session(s):
             waves = [_flite(d, s["voice"], s["features"], Path(tmp) / f"{s['k']}_{d}.wav") for d in DIGITS]
             sr = waves[0][1]
+            if s["scale"] != 1:  # read as sampled at scale * sr, resampled to sr: every frequency times scale
+                waves = [(torchaudio.functional.resample(torch.from_numpy(w), round(100 * s["scale"]), 100).numpy(),
+                          rate) for w, rate in waves]
             words = [_trim_below_peak(w, int(0.01 * sr), top_db=40.0) for w, _ in waves]
             return _postprocess(words, sr, np.random.default_rng(s["seed"])), sr
 

@@ -234,6 +234,31 @@ def test_flite_voices_are_not_festivals_test_speakers(monkeypatch, tmp_path):
                for v, f in calls)
 
 
+@needs_flite
+def test_flite_formant_scale_raises_every_frequency_at_the_same_duration():
+    """A session at vocal-tract scale 1.25 is the same words with the spectrum 1.25x higher (here: the spectral
+    centroid of each word) and about the same length (the stretch compensates the faster playback)."""
+    from uniperc.modalities import audio
+
+    def centroid(wave, sr):
+        power = np.abs(np.fft.rfft(wave)) ** 2
+        return float((np.fft.rfftfreq(len(wave), 1 / sr) * power).sum() / power.sum())
+
+    # noise-free words: _postprocess adds noise at random SNRs, which would blur the centroids
+    clean = lambda words, sr, rng: words  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(audio, "_postprocess", clean)
+        plain = list(audio._flite_clips(1, seed=0, workers=1))
+        scaled = list(audio._flite_clips(1, seed=0, workers=1, formant_scale=(1.25, 1.25)))
+    ratios = [centroid(b[3], b[4]) / centroid(a[3], a[4]) for a, b in zip(plain, scaled)]
+    lengths = [len(b[3]) / len(a[3]) for a, b in zip(plain, scaled)]
+    assert [a[:3] for a in plain] == [b[:3] for b in scaled] and plain[0][4] == scaled[0][4] == 16000
+    assert 1.15 < float(np.median(ratios)) < 1.35, ratios
+    assert 0.85 < float(np.median(lengths)) < 1.15, lengths
+    with pytest.raises(ValueError, match="flite_formant_scale"):
+        m.make_demo("unused", n_per_class=1, flite_per_class=1, flite_formant_scale=(1.3, 1.1))
+
+
 def test_missing_flite_is_a_clear_value_error(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/espeak-ng" if name == "espeak-ng" else None)
     with pytest.raises(ValueError, match="flite.*apt-get install -y flite"):

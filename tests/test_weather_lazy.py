@@ -63,6 +63,27 @@ def test_a_folder_of_files_opens_lazily_and_workers_reopen_it(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(one, two)) and len(one) == len(two)
 
 
+def test_small_archives_are_held_in_memory_and_large_ones_stay_lazy(tmp_path, monkeypatch):
+    """Up to IN_MEMORY_BYTES an archive is read once per process (a window is then an array slice, not a dask
+    graph per sample); above it, it stays on disk. The samples are the same either way."""
+    from uniperc.modalities import weather
+
+    dsd = m.load("demo", cfg={"history": 2, "horizon": 1}, cache_dir=tmp_path, **DEMO)
+    key = dsd["validation"].with_format(None)[0]["source"]
+
+    def samples_and_opened(limit):
+        monkeypatch.setattr(weather, "IN_MEMORY_BYTES", limit)
+        weather._SOURCES.pop(weather._slot(key), None)  # this process reopens the archive under `limit`
+        samples = [dsd["validation"][i]["inputs"] for i in range(len(dsd["validation"]))]
+        return samples, weather.source_dataset(key)
+
+    eager, opened = samples_and_opened(weather.IN_MEMORY_BYTES)
+    assert opened.nbytes < weather.IN_MEMORY_BYTES and all(v.variable._in_memory for v in opened.data_vars.values())
+    lazy, opened = samples_and_opened(opened.nbytes - 1)
+    assert not any(v.variable._in_memory for v in opened.data_vars.values())
+    assert len(eager) == len(lazy) > 0 and all(torch.equal(a, b) for a, b in zip(eager, lazy))
+
+
 def test_in_memory_datasets_are_read_by_forked_workers():
     import pandas as pd
 
