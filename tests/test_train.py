@@ -56,6 +56,36 @@ def test_compose_and_overrides():
     assert resolved["modalities"]["audio"]["config"]["n_mels"] == 40  # configs/audio.yaml over the demo preset
 
 
+class _Draws(torch.utils.data.Dataset):
+    """Each sample is a random draw, as an augmentation makes one."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return {"inputs": torch.rand(2), "labels": torch.tensor(i)}
+
+
+def test_persistent_workers_see_each_new_epoch():
+    """Loader workers live across epochs; SeededAugment's epoch is shared with them, so every epoch draws anew and
+    exactly what an in-process loader draws for that epoch."""
+    from uniperc.data import make_loader
+    from uniperc.train.data import SeededAugment
+
+    draws = {}
+    for workers in (0, 1):
+        data = SeededAugment(_Draws(), seed=3)
+        loader = make_loader(data, 3, False, 0, workers)
+        assert loader.persistent_workers == (workers > 0)
+        epochs = []
+        for epoch in range(3):
+            data.set_epoch(epoch)
+            epochs.append(torch.cat([b["inputs"] for b in loader]))
+        draws[workers] = epochs
+    assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1]))
+    assert not torch.equal(draws[1][0], draws[1][1]) and not torch.equal(draws[1][1], draws[1][2])
+
+
 def test_schedule_round_robin_and_proportional():
     lengths = {"a": 3, "b": 1, "c": 2}
     assert schedule(lengths, "round_robin", 0, 0) == ["a", "b", "c", "a", "c", "a"]

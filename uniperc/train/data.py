@@ -20,13 +20,22 @@ class SeededAugment(torch.utils.data.Dataset):
     sample (and restoring them afterwards) makes every augmentation a function of (seed, epoch, index) only:
     independent of DataLoader workers and prefetching, of the number of processes, and of where a resumed run
     picked up. That is what lets a resumed run, or a 2-process run, reproduce an uninterrupted 1-process run.
+
+    The epoch lives in shared memory, so DataLoader workers that outlive an epoch (``persistent_workers``, which
+    saves forking them and waiting for their first batch every epoch) see :meth:`set_epoch` from the main process.
+    A loader only hands its workers indices after ``iter()``, and the loop sets the epoch before that.
     """
 
     def __init__(self, dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
