@@ -235,7 +235,7 @@ def test_flite_voices_are_not_festivals_test_speakers(monkeypatch, tmp_path):
 
 
 @needs_flite
-def test_flite_formant_scale_raises_every_frequency_at_the_same_duration():
+def test_flite_formant_scale_raises_every_frequency_at_the_same_duration(tmp_path):
     """A session at vocal-tract scale 1.25 is the same words with the spectrum 1.25x higher (here: the spectral
     centroid of each word) and about the same length (the stretch compensates the faster playback)."""
     from uniperc.modalities import audio
@@ -256,7 +256,8 @@ def test_flite_formant_scale_raises_every_frequency_at_the_same_duration():
     assert 1.15 < float(np.median(ratios)) < 1.35, ratios
     assert 0.85 < float(np.median(lengths)) < 1.15, lengths
     with pytest.raises(ValueError, match="flite_formant_scale"):
-        m.make_demo("unused", n_per_class=1, flite_per_class=1, flite_formant_scale=(1.3, 1.1))
+        m.make_demo(tmp_path, n_per_class=1, flite_per_class=1, flite_formant_scale=(1.3, 1.1))
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_missing_flite_is_a_clear_value_error(tmp_path, monkeypatch):

@@ -220,7 +220,7 @@ def setup(cfg: dict, resume: bool | str = False, force: bool = False) -> Session
     # the model is prepared (wrapped, and sharded under FSDP) before the optimizer is built on its parameters
     model = accelerator.prepare(model)
     # fused: one kernel for every parameter's update (CPU: 1.1 vs 4.8 ms a step for the 143 tensors of the audio
-    # recipe's model, about a tenth of a 2-core demo step at small batches); torch has it for CPU and CUDA only
+    # recipe's model, up to a tenth of a demo recipe's step on 2 cores); torch has it for CPU and CUDA only
     optimizer = create_optimizer_v2(model, opt="adamw", lr=t["lr"], weight_decay=t["weight_decay"],
                                     betas=tuple(t["betas"]), fused=accelerator.device.type in ("cpu", "cuda"))
     optimizer, *loaders = accelerator.prepare(optimizer, *loaders)
