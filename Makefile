@@ -36,7 +36,8 @@ test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 demo: install
-	$(PY) -c "import uniperc.modalities as m; print('audio demo set:', m.get('audio').ensure_demo(seed=0))"
+	$(PY) -c "import uniperc.modalities as m, uniperc.train as t; c = t.compose(['audio']); \
+	  print('audio demo set:', m.get('audio').ensure_demo(seed=c['seed'], **c['modalities']['audio']['demo']))"
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train.py --modality audio
 	$(PY) -m uniperc.evaluate --checkpoint runs/audio --split test
 	$(PY) -m uniperc.evaluate --checkpoint runs/audio --split test_festival
