@@ -25,6 +25,38 @@ def test_classification_topk_and_label_smoothing():
     assert head.loss(logits, labels).item() != pytest.approx(F.cross_entropy(logits, labels).item())
 
 
+@pytest.mark.parametrize("task, labels", [("classification", torch.tensor([0, 1, 2, 0, 1, 2])),
+                                          ("multilabel", torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 1, 0]] * 2))])
+def test_mixup_blends_the_inputs_and_its_loss_is_the_loss_of_the_blended_target(task, labels):
+    """``training_loss`` with mixup feeds ``lam * x + (1 - lam) * x[perm]`` and its loss equals the task's loss
+    against the blended (label-smoothed) target, which is why only tasks with ``supports_mixup`` may use it."""
+    from uniperc.train.loop import mixup, training_loss
+
+    x = torch.randn(6, 1, 4, 4)
+    head = TaskHead(16, 3, task, label_smoothing=0.1)
+    seen = {}
+
+    def model(inputs, modality):
+        seen["inputs"] = inputs
+        return 3 * inputs.flatten(1)[:, :3]
+
+    torch.manual_seed(1)
+    loss = training_loss(model, head, "m", {"inputs": x, "labels": labels}, mixup_alpha=0.4)
+    torch.manual_seed(1)
+    mixed, lam, perm = mixup(x, 0.4)
+    assert 0 < lam < 1 and sorted(perm.tolist()) == list(range(6)) and perm.tolist() != list(range(6))
+    assert torch.equal(seen["inputs"], mixed) and torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
+    logits = 3 * mixed.flatten(1)[:, :3]
+    if task == "classification":
+        soft = lambda y: 0.9 * F.one_hot(y, 3).float() + 0.1 / 3  # noqa: E731  (label smoothing 0.1)
+        expected = F.cross_entropy(logits, lam * soft(labels) + (1 - lam) * soft(labels[perm]))
+    else:
+        expected = F.binary_cross_entropy_with_logits(logits, lam * labels + (1 - lam) * labels[perm])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    plain = training_loss(model, head, "m", {"inputs": x, "labels": labels})
+    assert torch.equal(seen["inputs"], x) and plain.item() == pytest.approx(head.loss(3 * x.flatten(1)[:, :3], labels).item())
+
+
 def test_topk_is_capped_by_class_count():
     m = task_metrics("classification", torch.tensor([[0.0, 1, 2]]), torch.tensor([0]))
     assert set(m) == {"top1", "top3"} and m["top3"] == 100.0 and m["top1"] == 0.0

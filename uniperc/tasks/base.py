@@ -25,6 +25,8 @@ class Task:
         grouped_outputs: ``output_names`` may name equal consecutive groups of outputs (variables of a field)
             instead of every output.
         class_outputs: one output per named class (the results table's "classes" column).
+        supports_mixup: the loss is linear in the target (cross-entropy, binary cross-entropy), so mixup's blend of
+            two samples' losses is the loss of their blended target (``modalities.<m>.mixup``).
     """
 
     name: str = ""
@@ -34,6 +36,7 @@ class Task:
     heads: tuple[str, ...] = ("pooled",)
     grouped_outputs: bool = False
     class_outputs: bool = False
+    supports_mixup: bool = False
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """The training loss of a batch (``outputs`` in float32: the head casts them even under autocast)."""

@@ -21,6 +21,7 @@ class Classification(Task):
     higher_is_better = True
     unit = "%"
     class_outputs = True
+    supports_mixup = True
 
     def loss(self, outputs, labels, label_smoothing=0.0):
         return F.cross_entropy(outputs, labels.long(), label_smoothing=label_smoothing)

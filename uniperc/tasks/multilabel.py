@@ -18,6 +18,7 @@ class MultiLabel(Task):
     higher_is_better = True
     unit = "%"
     class_outputs = True
+    supports_mixup = True
 
     def loss(self, outputs, labels, label_smoothing=0.0):
         return F.binary_cross_entropy_with_logits(outputs, labels.float().reshape(outputs.shape))

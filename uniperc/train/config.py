@@ -4,7 +4,7 @@ A run is described by one nested dict (plain values, nanoGPT style) with four se
 
 ``seed``, ``output_dir``
 ``modalities``: ``{name: {source, path, name, data_files, columns, splits, config, demo, batch_size,
-eval_batch_size, label_smoothing, loss_weight, repeat, head, residual, stem}}`` (``name`` .. ``splits``: ``source: dataset``)
+eval_batch_size, label_smoothing, mixup, loss_weight, repeat, head, residual, stem}}`` (``name`` .. ``splits``: ``source: dataset``)
 ``model``:      ``{backbone, mixer, kwargs, drop_path_rate, drop_rate}``
 ``train``:      optimisation, precision, checkpointing, logging (see :data:`DEFAULTS`).
 
@@ -47,6 +47,7 @@ MODALITY_DEFAULTS: dict[str, Any] = {
     "batch_size": 32,          # per process
     "eval_batch_size": None,   # None = 2 x batch_size
     "label_smoothing": 0.1,    # classification heads only
+    "mixup": 0.0,              # mixup's Beta(a, a) in training, a > 0 (tasks with supports_mixup); 0 = off
     "loss_weight": 1.0,        # multiplies this task's loss in joint training
     "repeat": 1,               # passes over this modality's training split per epoch (joint: one that needs more steps)
     "head": "auto",            # auto | pooled | dense; auto = dense when the modality's target is a field (weather)
@@ -251,6 +252,7 @@ def resolve(config: dict) -> dict:
         _number(s, "batch_size", prefix + "batch_size", 1, integer=True)
         _number(s, "eval_batch_size", prefix + "eval_batch_size", 1, integer=True, allow_none=True)
         _number(s, "label_smoothing", prefix + "label_smoothing", 0.0, 0.99)
+        _number(s, "mixup", prefix + "mixup", 0.0, 10.0)
         _number(s, "loss_weight", prefix + "loss_weight", 0.0, low_open=True)
         _number(s, "repeat", prefix + "repeat", 1, integer=True)
         if s["head"] not in ("auto", *HEADS):
@@ -266,6 +268,9 @@ def resolve(config: dict) -> dict:
             raise ValueError(f"{prefix}config: {e}") from None
         _check_stem(m, s, prefix)
         task = get_task(m.task_for(s["config"]))
+        if s["mixup"] and not task.supports_mixup:
+            raise ValueError(f"{prefix}mixup: this {name} task ({task.name}) does not support mixup (its loss is not "
+                             f"the loss of a blended target); set it to 0")
         if s["head"] != "auto" and s["head"] not in task.heads:
             raise ValueError(f"{prefix}head: {s['head']!r} cannot predict this {name} task ({task.name}); "
                              f"it takes {list(task.heads)} (or 'auto')")

@@ -318,6 +318,26 @@ class _Window:
         return means, (min(bad) if bad else None), rate
 
 
+def mixup(inputs: torch.Tensor, alpha: float) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Mixup (Zhang et al., 2018): every sample blended with another of the same batch, ``lam * x + (1 - lam) *
+    x[perm]`` with one ``lam ~ Beta(alpha, alpha)`` per batch. Returns the blend, ``lam`` and ``perm``."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(inputs.shape[0], device=inputs.device)
+    return lam * inputs + (1 - lam) * inputs[perm], lam, perm
+
+
+def training_loss(model, head, name: str, batch: dict, mixup_alpha: float = 0.0) -> torch.Tensor:
+    """One batch's loss, with mixup when ``mixup_alpha`` > 0. The mixed loss is ``lam * loss(y) + (1 - lam) *
+    loss(y[perm])``: each task's own loss (label smoothing included) needs no soft-target variant, and for
+    cross-entropy and binary cross-entropy it equals the loss of the blended target. (timm's ``Mixup`` builds
+    one-hot targets and needs an even batch, so it would bypass the task's loss.)"""
+    if not mixup_alpha:
+        return head.loss(model(batch["inputs"], modality=name), batch["labels"])
+    inputs, lam, perm = mixup(batch["inputs"], mixup_alpha)
+    outputs = model(inputs, modality=name)
+    return lam * head.loss(outputs, batch["labels"]) + (1 - lam) * head.loss(outputs, batch["labels"][perm])
+
+
 def fit(s: Session) -> None:
     """Train until ``total_steps``: validation every ``eval_every`` epochs, a checkpoint every ``checkpoint_every``
     batches and at the end of every epoch."""
@@ -326,6 +346,7 @@ def fit(s: Session) -> None:
     acc, t, state = s.accelerator, s.cfg["train"], s.state
     heads = s.unwrapped.heads
     weights = {n: s.cfg["modalities"][n]["loss_weight"] for n in s.names}
+    mixups = {n: s.cfg["modalities"][n]["mixup"] for n in s.names}
     lengths = s.lengths
     bar = tqdm(total=s.total_steps, initial=state["global_step"], disable=not (acc.is_main_process and t["progress"]),
                dynamic_ncols=True, desc="train")
@@ -368,7 +389,7 @@ def fit(s: Session) -> None:
             name = order[pos]
             batch = next(iters[name])
             with acc.accumulate(s.model):
-                loss = heads[name].loss(s.model(batch["inputs"], modality=name), batch["labels"]) * weights[name]
+                loss = training_loss(s.model, heads[name], name, batch, mixups[name]) * weights[name]
                 acc.backward(loss)
                 if acc.sync_gradients and t["clip_grad"]:
                     acc.clip_grad_norm_(s.model.parameters(), t["clip_grad"])
