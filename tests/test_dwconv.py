@@ -399,12 +399,13 @@ def _aten_weight_grad(dy, x, k, d):
                                                [d, d], False, [0, 0], c, [False, True, False])[1]
 
 
-@pytest.mark.parametrize("path", dwc.WGRAD_PATHS)
+@pytest.mark.parametrize("path", dwc.WGRAD_PATHS + ("scale", "phases"))
 def test_cpu_weight_grad_paths_match_aten(path):
     """Each weight-gradient algorithm, forced, on odd / non-square planes (also smaller than the
-    kernel), both layouts, K in CPU_KERNELS x dilation {1, 2, 3}: fp32 within 1e-5 of fp64 aten."""
+    kernel), both layouts, K in CPU_KERNELS (K = 1 for the per-channel "scale") x dilation {1, 2, 3}:
+    fp32 within 1e-5 of fp64 aten. "phases" splits the plane by the dilation and dispatches the rest."""
     g = torch.Generator().manual_seed(0)
-    for k in CPU_KERNELS:
+    for k in CPU_KERNELS if path != "scale" else (1,):
         for d in (1, 2, 3):
             for (b, c, h, w), cl in (((2, 3, 9, 7), False), ((1, 2, 6, 11), True)):
                 x, dy = torch.randn(b, c, h, w, generator=g), torch.randn(b, c, h, w, generator=g)
@@ -417,14 +418,21 @@ def test_cpu_weight_grad_paths_match_aten(path):
                 assert err <= 1e-5, f"{path} K={k} d={d} {(b, c, h, w)} cl={cl}: {err:.3g}"
 
 
-@pytest.mark.parametrize("path", dwc.WGRAD_PATHS)
+@pytest.mark.parametrize("path", dwc.WGRAD_PATHS + ("scale", "phases"))
 def test_cpu_weight_grad_paths_gradcheck_fp64(path, monkeypatch):
-    """gradcheck of the whole op (forward, input and weight gradients) with the path forced."""
+    """gradcheck of the whole op (forward, input and weight gradients) with the path forced ("phases": every
+    dilated conv, forward included, split into its phases)."""
     set_backend("torch")
-    monkeypatch.setattr(dwc, "weight_grad_path", lambda k, d: path)
-    monkeypatch.setattr(dwc, "accelerated", lambda k, d: True)
+    cases = ((3, 1, False), (5, 2, True), (15, 1, False))
+    if path == "phases":
+        monkeypatch.setattr(dwc, "by_phases", lambda k, d: d > 1)
+        cases = ((3, 2, False), (5, 3, True), (7, 2, False))
+    else:
+        monkeypatch.setattr(dwc, "weight_grad_path", lambda k, d: path)
+        if path == "scale":
+            cases = ((1, 1, True), (1, 2, False))
     g = torch.Generator().manual_seed(1)
-    for k, d, cl in ((3, 1, False), (5, 2, True), (15, 1, False)):
+    for k, d, cl in cases:
         monkeypatch.setattr(dwc, "forward_layout", lambda k, d, given, width=None, cl=cl: torch.channels_last if cl else torch.contiguous_format)
         x = torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64)
         if cl:
@@ -436,15 +444,15 @@ def test_cpu_weight_grad_paths_gradcheck_fp64(path, monkeypatch):
         assert torch.autograd.gradcheck(lambda x, w, b, s: dwconv2d(x, w, b, dilation=d, scale=s), args)
 
 
-@pytest.mark.parametrize("force", ["dispatch", "fwd-nchw", "fwd-channels_last", "aten", "batch", "fft"])
+@pytest.mark.parametrize("force", ["dispatch", "fwd-nchw", "fwd-channels_last", "aten", "batch", "fft", "phases"])
 def test_cpu_op_matches_conv2d_autograd(force, monkeypatch):
     """The op end to end on CPU (dispatch, or one path forced): forward, input and weight gradients
     within 1e-5 of F.conv2d autograd in fp64; output in the caller's layout, weight grad in the weight's."""
     set_backend("torch")
-    if force != "dispatch":  # the forced algorithm runs on every shape, also where aten's path is kept
-        monkeypatch.setattr(dwc, "accelerated", lambda k, d: True)
-    if force in dwc.WGRAD_PATHS:
+    if force in dwc.WGRAD_PATHS:  # the forced algorithm runs on every shape, also where aten's path is kept
         monkeypatch.setattr(dwc, "weight_grad_path", lambda k, d: force)
+    elif force == "phases":  # forward and weight gradient of every dilated shape by phases
+        monkeypatch.setattr(dwc, "by_phases", lambda k, d: d > 1)
     elif force != "dispatch":
         fmt = torch.channels_last if force == "fwd-channels_last" else torch.contiguous_format
         monkeypatch.setattr(dwc, "forward_layout", lambda k, d, given, width=None, fmt=fmt: fmt)
@@ -472,16 +480,20 @@ def test_cpu_op_matches_conv2d_autograd(force, monkeypatch):
 
 
 def test_cpu_dispatch_rule_and_bf16():
-    # aten's own path is kept where it is faster: K <= 3 and dilated K < 15
-    assert [dwc.accelerated(k, d) for k, d in ((1, 1), (3, 1), (3, 4), (5, 1), (5, 2), (7, 3), (13, 1), (15, 3))] == [
-        False, False, False, True, True, False, True, True]
-    assert [dwc.weight_grad_path(k, 1) for k in CPU_KERNELS] == ["batch", "aten", "batch", "batch", "batch", "fft", "fft"]
-    assert [dwc.weight_grad_path(k, d) for k, d in ((3, 3), (7, 3), (7, 2), (13, 2), (9, 3))] == [
-        "aten", "aten", "batch", "fft", "fft"]
+    # aten's own weight gradient where it is fast: K = 3, and K = 5 from d = 3; 7 <= K < 15 from d = 3 by phases;
+    # FFT for large kernels or paddings
+    assert [dwc.weight_grad_path(k, 1) for k in CPU_KERNELS] == ["scale", "aten", "batch", "batch", "batch", "fft", "fft"]
+    assert [dwc.weight_grad_path(k, d) for k, d in ((1, 3), (3, 4), (5, 2), (5, 3), (7, 3), (7, 2), (13, 2), (9, 3),
+                                                    (13, 5), (15, 3))] == [
+        "scale", "aten", "batch", "aten", "phases", "batch", "fft", "phases", "phases", "fft"]
+    assert [dwc.by_phases(k, d) for k, d in ((7, 3), (13, 4), (7, 2), (5, 3), (15, 3))] == [True, True, False, False, False]
     nchw, cl = torch.contiguous_format, torch.channels_last
+    # K = 11..13 run in NCHW, K >= 15 in channels_last; the rest keeps the input's layout
     assert [dwc.forward_layout(k, 1, nchw) for k in CPU_KERNELS] == [nchw] * 5 + [cl] * 2
     assert [dwc.forward_layout(k, 1, cl) for k in CPU_KERNELS] == [cl] * 4 + [nchw] + [cl] * 2
+    # dilated: channels_last from K = 7 at d = 2 and for every K from d = 3
     assert dwc.forward_layout(7, 2, nchw) == cl and dwc.forward_layout(5, 2, nchw) == nchw
+    assert dwc.forward_layout(3, 3, nchw) == cl and dwc.forward_layout(3, 2, nchw) == nchw
     # padding wider than the plane: aten's NCHW kernel is slow there at any K (4x320x4x4, K=13: 4.0 vs 0.11 ms)
     assert dwc.forward_layout(13, 1, nchw, width=4) == cl and dwc.forward_layout(13, 1, nchw, width=6) == nchw
     assert dwc.forward_layout(5, 1, nchw, width=1) == cl and dwc.forward_layout(5, 1, nchw, width=2) == nchw
@@ -539,7 +551,8 @@ def test_cpu_bench_runs(capsys):
     rows = bench.main(["--shapes", "1x2x6x7x3,1x2x6x7x15x2", "--repeats", "1"])
     assert [(r["K"], r["dilation"]) for r in rows] == [(3, 1), (15, 2)]
     for r in rows:
-        assert r["speedup"] == pytest.approx(min(r["aten_nchw"], r["aten_cl"]) / r["ours"])
+        assert r["speedup"] == pytest.approx(min(r["aten_nchw"], r["aten_cl"]) / min(r["ours"], r["ours_cl"]))
+        assert r["speedup_cl"] == pytest.approx(r["aten_cl"] / r["ours_cl"])
         assert r["bwd_ratio"] == pytest.approx(r["ours"] / r["ours_fwd"])
     assert "fwdbwd/fwd" in capsys.readouterr().out
     with pytest.raises(ValueError, match="odd K"):
@@ -549,14 +562,14 @@ def test_cpu_bench_runs(capsys):
 def test_taps_beyond_a_small_plane_are_dropped_exactly(monkeypatch):
     """On planes smaller than the kernel's reach (a large-kernel net's last stages on small inputs) the CPU op
     computes only the taps that can touch the plane: same forward, input and weight gradients as F.conv2d (fp64),
-    the dropped taps' weight gradient exactly zero, and the aten weight gradient is asked for the reach only."""
+    the dropped taps' weight gradient exactly zero, and the weight-gradient algorithms are asked for the reach only."""
     assert [dwc.reach(k, d, h, w) for k, d, h, w in ((7, 1, 1, 1), (7, 1, 2, 3), (13, 1, 3, 5), (13, 2, 3, 5),
                                                     (7, 3, 4, 4), (31, 1, 40, 40), (5, 1, 2, 2))] == [
         1, 5, 9, 5, 3, 31, 3]
     set_backend("torch")
     asked = []
-    aten = dwc.aten_weight_grad
-    monkeypatch.setattr(dwc, "aten_weight_grad", lambda dy, x, k, d: asked.append(k) or aten(dy, x, k, d))
+    for path, algorithm in list(dwc._WGRAD.items()):
+        monkeypatch.setitem(dwc._WGRAD, path, lambda dy, x, k, d, f=algorithm: asked.append(k) or f(dy, x, k, d))
     g = torch.Generator().manual_seed(3)
     for (h, w), k, d in (((1, 1), 7, 1), ((2, 3), 13, 1), ((3, 5), 13, 2), ((1, 5), 31, 3), ((4, 4), 7, 3)):
         x = torch.randn(2, 4, h, w, generator=g, dtype=torch.float64, requires_grad=True)
@@ -574,4 +587,4 @@ def test_taps_beyond_a_small_plane_are_dropped_exactly(monkeypatch):
         outside = torch.ones(k, k, dtype=torch.bool)
         outside[q:q + r, q:q + r] = False
         assert (wt.grad[:, :, outside] == 0).all()
-    assert asked and max(asked) <= 5, asked  # aten was never asked for the whole 7..31 kernel
+    assert sorted(asked) == [1, 3, 3, 5, 5], asked  # no algorithm was asked for the whole 7..31 kernel

@@ -2,9 +2,10 @@
 PyTorch's own depthwise kernels in NCHW and in channels_last.
 
 ``python -m uniperc.bench dwconv_cpu [--threads 1] [--shapes BxCxHxWxK[xD],...]``. Per shape it prints the
-median wall time (ms) of forward+backward (input and weight gradients) of ``F.conv2d`` in NCHW and in
-channels_last, of the op (NCHW input), the op's speed-up over the better of the two, the op's forward
-alone and its ratio fwd+bwd / fwd (3 would mean a backward as cheap as two forwards).
+median wall time (ms) of forward+backward (input and weight gradients) of ``F.conv2d`` and of the op, each on
+an NCHW and on a channels_last input; the op's speed-up over aten on the same layout (NCHW, channels_last) and
+of the op's better layout over aten's better one ("best"); the op's forward alone (NCHW input) and its ratio
+fwd+bwd / fwd (3 would mean a backward as cheap as two forwards).
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from uniperc.ops import dwconv as dw
 from ._timing import median_seconds
 
 #: The issue's shapes, then real stages: unireplknet_a at 224 (dims 40/80/160/320, K 3/13/13/13 at
-#: 56/28/14/7, batch 8), its dilated K=5/7 branches, pelk_t's stage-1 K=51 plane and a K=31 plane.
+#: 56/28/14/7, batch 8), its dilated branches (5 d2, 3 d4, 3 d5), VAN's 7x7 d=3 at two stages, pelk_t's
+#: stage-1 K=51 plane, a K=31 plane, K=1 and a K=7 kernel on a 1x1 plane (a small input's last stage).
 DEFAULT_SHAPES = ("8x64x56x51x51,8x128x28x49x49,32x80x32x32x13,32x320x8x8x13,"
                   "8x40x56x56x3,8x80x28x28x13,8x160x14x14x13,8x320x7x7x13,8x80x28x28x5x2,8x80x28x28x7x3,"
-                  "8x64x56x56x31,8x80x28x28x1")
+                  "8x40x56x56x7x3,8x80x28x28x3x4,8x160x14x14x3x5,8x64x56x56x31,8x80x28x28x1,64x256x1x1x7")
 
 
 def _shape(text: str):
@@ -50,13 +52,17 @@ def measure(b, c, h, w, k, d, repeats: int) -> dict:
     def ours(x, w):
         return dw.dwconv2d(x, w, dilation=d)
 
+    xc, gyc = x.contiguous(memory_format=cl), gy.contiguous(memory_format=cl)
     ms = {name: 1e3 * median_seconds(fn, repeats, warmup=1) for name, fn in (
         ("aten_nchw", _fwdbwd(aten, x, wt, gy)),
-        ("aten_cl", _fwdbwd(aten, x.contiguous(memory_format=cl), wt, gy.contiguous(memory_format=cl))),
+        ("aten_cl", _fwdbwd(aten, xc, wt, gyc)),
         ("ours", _fwdbwd(ours, x, wt, gy)),
+        ("ours_cl", _fwdbwd(ours, xc, wt, gyc)),
         ("ours_fwd", lambda: ours(x, wt)))}
     return dict(shape=[b, c, h, w], K=k, dilation=d, **ms,
-                speedup=min(ms["aten_nchw"], ms["aten_cl"]) / ms["ours"], bwd_ratio=ms["ours"] / ms["ours_fwd"])
+                speedup_nchw=ms["aten_nchw"] / ms["ours"], speedup_cl=ms["aten_cl"] / ms["ours_cl"],
+                speedup=min(ms["aten_nchw"], ms["aten_cl"]) / min(ms["ours"], ms["ours_cl"]),
+                bwd_ratio=ms["ours"] / ms["ours_fwd"])
 
 
 def main(argv=None):
@@ -69,9 +75,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     old = dw.get_backend()
     dw.set_backend("torch")
-    print(f"cpu, {args.threads} thread(s), fp32, NCHW input for the op; median of {args.repeats} (ms)")
-    head = (f"{'B x C x H x W':16} {'K':>3} {'d':>2} {'aten NCHW':>10} {'aten CL':>9} {'op':>8} {'speed-up':>8} "
-            f"{'op fwd':>8} {'fwdbwd/fwd':>10}")
+    print(f"cpu, {args.threads} thread(s), fp32, fwd+bwd, median of {args.repeats} (ms); speed-ups of the op over "
+          "aten on NCHW / channels_last inputs and best layout over best layout")
+    head = (f"{'B x C x H x W':16} {'K':>3} {'d':>2} {'aten NCHW':>10} {'aten CL':>9} {'op NCHW':>8} {'op CL':>8} "
+            f"{'x NCHW':>7} {'x CL':>7} {'x best':>7} {'op fwd':>8} {'fwdbwd/fwd':>10}")
     print(head + "\n" + "-" * len(head), flush=True)
     rows = []
     try:
@@ -79,8 +86,9 @@ def main(argv=None):
             r = measure(*s, args.repeats)
             rows.append(r)
             print(f"{'x'.join(map(str, r['shape'])):16} {r['K']:>3} {r['dilation']:>2} {r['aten_nchw']:10.1f} "
-                  f"{r['aten_cl']:9.1f} {r['ours']:8.1f} {r['speedup']:7.2f}x {r['ours_fwd']:8.1f} "
-                  f"{r['bwd_ratio']:10.2f}", flush=True)
+                  f"{r['aten_cl']:9.1f} {r['ours']:8.1f} {r['ours_cl']:8.1f} {r['speedup_nchw']:6.2f}x "
+                  f"{r['speedup_cl']:6.2f}x {r['speedup']:6.2f}x {r['ours_fwd']:8.1f} {r['bwd_ratio']:10.2f}",
+                  flush=True)
     finally:
         dw.set_backend(old)
     return rows

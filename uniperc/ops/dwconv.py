@@ -102,9 +102,9 @@ def _uses_triton(x: Tensor) -> bool:
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    """Layout of the output (and of the gradients fed to the kernels): channels_last when the channels
-    of ``x`` are its unit-stride dim, NCHW otherwise. The fake implementation promises exactly this."""
-    return torch.channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
+    """Layout of the output (and of the gradients fed to the kernels): ``x``'s own. The fake
+    implementation promises exactly this."""
+    return dwconv_cpu.layout(x)
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -127,11 +127,9 @@ def _dwconv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optio
     if _uses_triton(x):
         return _triton_kernels().forward(x, weight, bias, scale, shift, dilation, out=_empty_output(x))
     k = weight.shape[-1]
-    if x.device.type == "cpu":  # taps that only meet the padding are dropped first (exact)
+    if x.device.type == "cpu":  # taps that only meet the padding are dropped first (exact); fp32 for bf16 / fp16
         k = dwconv_cpu.reach(k, dilation, x.shape[-2], x.shape[-1])
-        weight = dwconv_cpu.centre(weight, k)
-    if x.device.type == "cpu" and dwconv_cpu.accelerated(k, dilation):  # fp32 for bf16 / fp16, rounded below
-        y = dwconv_cpu.forward(x, weight, bias, dilation)
+        y = dwconv_cpu.forward(x, dwconv_cpu.centre(weight, k), bias, dilation)
     else:
         y = F.conv2d(x, weight, bias, padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
     if scale is not None:
@@ -160,7 +158,6 @@ def _weight_grad_op(grad_out: Tensor, x: Tensor, kernel_size: int, dilation: int
     k = kernel_size
     if x.device.type == "cpu":  # the taps that only meet the padding have a zero gradient, filled in below
         k = dwconv_cpu.reach(k, dilation, x.shape[-2], x.shape[-1])
-    if x.device.type == "cpu" and dwconv_cpu.accelerated(k, dilation):
         g = dwconv_cpu.weight_grad(grad_out, x, k, dilation)
     else:
         g = dwconv_cpu.aten_weight_grad(grad_out, x, k, dilation).to(_acc_dtype(x))

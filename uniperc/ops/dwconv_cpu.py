@@ -6,13 +6,15 @@ NCHW forward is 20-45x slower than channels_last at K >= 15, and the weight grad
 function below picks, from the kernel size and dilation alone, the exact algorithm that was fastest
 in single-threaded measurements (``python -m uniperc.bench dwconv_cpu``; table in docs/dwconv.md):
 
-* forward and input gradient (a forward with the flipped kernel): aten in channels_last for K >= 15
-  and dilated K >= 7, in NCHW for 11 <= K <= 13 at dilation 1, else in the input's layout
-  (:func:`forward_layout`);
+* forward and input gradient (a forward with the flipped kernel): aten in channels_last for K >= 15,
+  dilation >= 3 and K >= 7 at dilation 2, in NCHW for 11 <= K <= 13 at dilation 1, else in the input's
+  layout (:func:`forward_layout`); K = 1 elementwise (a per-channel scale); 7 <= K < 15 at dilation >= 3
+  undilated on the plane's d*d phases (:func:`by_phases`);
 * weight gradient (:func:`weight_grad_path`): ``"fft"`` (correlation in the frequency domain, summed
-  over the batch there) for K >= 15 or padding >= 12, ``"aten"`` (aten's kernel, in the input's layout) for
-  K = 3 and the other dilation >= 3 cases, ``"batch"`` (batch-as-channels: one depthwise conv of x with dy as
-  the kernel) otherwise.
+  over the batch there) for K >= 15 or padding >= 12 at dilation 2, ``"aten"`` (aten's kernel, in the forward's layout)
+  for K = 3 and 5 at dilation >= 3, ``"phases"`` (the undilated gradient of the phases) for 7 <= K < 15 at
+  dilation >= 3, ``"scale"`` (a per-channel sum) for K = 1, ``"batch"``
+  (batch-as-channels: one depthwise conv of x with dy as the kernel) otherwise.
 
 bf16 / fp16 are computed in fp32 and rounded once at the end (the FFT never runs in low precision);
 fp64 stays fp64. All paths agree with ``F.conv2d`` and its autograd to ~1e-6 relative in fp32.
@@ -23,13 +25,16 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 #: Forward / input grad in NCHW for this range of K at dilation 1 (see :func:`forward_layout`).
 FWD_NCHW_K = range(11, 14)
-#: Weight gradient by FFT from this K on, or from this padding d*(K//2) on at any dilation.
+#: Weight gradient by FFT from this K on, or from this padding d*(K//2) on at dilation 2.
 WGRAD_FFT_MIN_K = 15
 WGRAD_FFT_MIN_PAD = 12
+#: Weight-gradient algorithms for any K and dilation; :func:`weight_grad_path` also picks "scale" (K = 1) and
+#: "phases" (:func:`by_phases`).
 WGRAD_PATHS = ("aten", "batch", "fft")
 
 
@@ -53,37 +58,60 @@ def centre(weight: Tensor, k: int) -> Tensor:
     return weight[..., q:q + k, q:q + k] if q else weight
 
 
-def accelerated(k: int, dilation: int) -> bool:
-    """Whether the algorithms below beat aten's own CPU path (``F.conv2d`` in the input's layout and
-    ``convolution_backward``) on fwd+bwd. They do from K = 5 at dilation <= 2 and from K = 15 at any
-    dilation (K=13 on 32x80x32x32: 147 vs 819 ms; 7 d=2 on 8x80x28x28: 35 vs 51; 5 d=2: 12 vs 21), but
-    not for K <= 3 nor for dilated K = 7 (d=3: 128 vs 103 ms; K=3 d=4: 32 vs 16; K=1: 9.9 vs 6.1),
-    where aten's NCHW kernels are already fast and the layout copies cost more than they save: those
-    shapes keep aten's path, so the op is never slower than aten on the input as given."""
-    return k >= 15 or (k >= 5 and dilation <= 2)
+def by_phases(k: int, dilation: int) -> bool:
+    """Whether a dilated kernel runs as an undilated one on the ``d * d`` phases of the plane
+    (:func:`to_phases`): for 7 <= K < 15 at dilation >= 3, where aten's dilated kernels are slow in every
+    layout (K=7 d=3 on 8x80x28x28, fwd+bwd: 32 ms NCHW, 11.6 channels_last, 7.3-8.7 by phases). Smaller
+    kernels lose by the copies (K=3 d=4: 4.2 vs 1.7 ms); larger ones take the FFT."""
+    return dilation >= 3 and 7 <= k < WGRAD_FFT_MIN_K
+
+
+def to_phases(x: Tensor, dilation: int) -> Tensor:
+    """``(B, C, H, W) -> (B*d*d, C, ceil(H/d), ceil(W/d))``: each phase ``x[..., i::d, j::d]`` as its own
+    sample. A conv with dilation d only ever combines pixels of one phase, and on its phase it is the same
+    kernel undilated; the zeros that pad H, W to multiples of d stand where the 'same' padding's zeros would."""
+    h, w = x.shape[-2:]
+    return rearrange(F.pad(x, (0, -w % dilation, 0, -h % dilation)), "b c (h i) (w j) -> (b i j) c h w",
+                     i=dilation, j=dilation)
+
+
+def from_phases(y: Tensor, dilation: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`to_phases`, cropped to ``height x width``."""
+    return rearrange(y, "(b i j) c h w -> b c (h i) (w j)", i=dilation, j=dilation)[..., :height, :width]
+
+
+def layout(x: Tensor) -> torch.memory_format:
+    """channels_last when the channels of ``x`` are its unit-stride dim, NCHW otherwise."""
+    return torch.channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
 
 
 def forward_layout(k: int, dilation: int, given: torch.memory_format, width: Optional[int] = None) -> torch.memory_format:
-    """Layout aten's depthwise forward runs fastest in, for an input in layout ``given``. Its NCHW
-    kernel falls to a slow path at K >= 15 (20-45x slower: K=51 on 8x64x56x51, 4074 vs 89 ms) and
-    at dilation >= 2 with K >= 7 (K=13 d=2: 128 vs 67 ms), and is 2-6x faster than channels_last for
-    11 <= K <= 13 at dilation 1. Elsewhere both are fast and a layout conversion (~2 ms each way on
-    8x40x56x56) costs more than it saves, so the input's own layout is kept. Whatever K, the NCHW kernel is
-    also slow when the padding is wider than the plane (``dilation * (k // 2) > width``: UniRepLKNet-A's
-    stage 4 at 128 px, 4x320x4x4 with K=13, 4.0 vs 0.11 ms; 8x128x16x4: 11.9 vs 0.46 ms), so those run in
-    channels_last too."""
-    if k >= 15 or (dilation >= 2 and k >= 7) or (width is not None and dilation * (k // 2) > width):
+    """Layout aten's depthwise kernels (forward, and its weight gradient where :func:`weight_grad_path` keeps
+    it) run fastest in, for an input in layout ``given``. The NCHW kernel falls to a slow path at K >= 15
+    (20-45x slower: K=51 on 8x64x56x51, 4074 vs 89 ms) and at dilation >= 3, or 2 with K >= 7 (K=13 d=2:
+    128 vs 67 ms; K=7 d=3 on 8x80x28x28: 7.9 vs 3.3 ms forward, 15.8 vs 3.8 weight gradient; K=3 d=3 on
+    8x40x56x56: 5.5 vs 2.7 weight gradient), and whatever K when the padding is wider than the plane
+    (``dilation * (k // 2) > width``: UniRepLKNet-A's stage 4 at 128 px, 4x320x4x4 with K=13, 4.0 vs 0.11 ms).
+    NCHW is the faster one for 11 <= K <= 13 at dilation 1 (2-6x). Elsewhere both are fast and a conversion
+    costs more than it saves (K = 3 on 8x40x56x56 from NCHW: 10-23 ms fwd+bwd with the copies, 7-10 without),
+    so the input's own layout is kept."""
+    if k >= 15 or dilation >= 3 or (dilation == 2 and k >= 7) or (width is not None and dilation * (k // 2) > width):
         return torch.channels_last
-    if dilation == 1 and k in FWD_NCHW_K:
-        return torch.contiguous_format
-    return given
+    return torch.contiguous_format if dilation == 1 and k in FWD_NCHW_K else given
 
 
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) -> Tensor:
-    """``conv(x, weight) + bias`` ('same' padding), in the accumulation dtype, in any layout."""
+    """``conv(x, weight) + bias`` ('same' padding), in the accumulation dtype, in any layout. K = 1 (also
+    what a large kernel reduces to on a 1 x 1 plane, see :func:`reach`) is a per-channel scale, computed
+    elementwise in x's layout: aten runs it as one slow conv per channel, 5-30x slower (8x80x28x28: 0.38 vs
+    0.04 ms NCHW, 1.4 vs 0.05 channels_last)."""
     k, acc = weight.shape[-1], _acc(x.dtype)
-    given = torch.channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
-    xc = x.to(acc).contiguous(memory_format=forward_layout(k, dilation, given, width=x.shape[-1]))
+    if by_phases(k, dilation):
+        return from_phases(forward(to_phases(x, dilation), weight, bias, 1), dilation, *x.shape[-2:])
+    if k == 1:
+        y = x.to(acc) * weight.to(acc).view(1, -1, 1, 1)
+        return y if bias is None else y + bias.to(acc).view(1, -1, 1, 1)
+    xc = x.to(acc).contiguous(memory_format=forward_layout(k, dilation, layout(x), width=x.shape[-1]))
     return F.conv2d(xc, weight.to(acc), None if bias is None else bias.to(acc),
                     padding=dilation * (k // 2), dilation=dilation, groups=x.shape[1])
 
@@ -91,25 +119,37 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int) ->
 def weight_grad_path(k: int, dilation: int) -> str:
     """Fastest exact weight-gradient algorithm (measured on 8x80x28x28 unless said otherwise):
 
-    * ``"fft"`` for K >= 15 or a padding d*(K//2) >= 12: the reduction costs O(K^2) per pixel directly
-      but O(log HW) in the frequency domain (K=25 on 32x80x32x32: 280 ms vs 2287 batch-as-channels
-      and 4389 aten; K=13 d=2: 19 vs 25 aten, 124 batch);
-    * ``"aten"`` (in the input's layout, no conversion) for K = 3 (its kernel is fast there: 0.8 ms vs 2.0 batch on
-      8x40x56x56, channels_last input) and for the remaining dilation >= 3 (K=7 d=3: 9 vs 21 fft, 41 batch);
+    * ``"fft"`` for K >= 15, and for a padding d*(K//2) >= 12 at dilation 2: the reduction costs
+      O(K^2) per pixel directly but O(log HW) in the frequency domain (K=25 on 32x80x32x32: 280 ms vs
+      2287 batch-as-channels and 4389 aten; K=13 d=2: 19 vs 25 aten, 124 batch);
+    * ``"phases"`` where :func:`by_phases`: the undilated weight gradient of the phases, summed over them
+      with the batch (K=7 d=3: the batch-as-channels path on 9x as many 10x10 planes);
+    * ``"scale"`` for K = 1: ``sum(x * dy)`` per channel (8x80x28x28: 0.07 ms vs 0.45 aten NCHW, 1.4 channels_last);
+    * ``"aten"`` (in :func:`forward_layout`'s layout) for K = 3, and K = 5 at dilation >= 3: its kernel is
+      fast there (K=3: 0.8 ms vs 2.0 batch on 8x40x56x56, channels_last);
     * ``"batch"`` otherwise: aten's weight gradient is 5-20x slower than its forward, whereas a
       forward-style depthwise conv of x with dy as the kernel does the same reduction (K=13 on
-      32x80x32x32: 83 vs 550 ms aten channels_last, 370 FFT; K=1: 2.4 vs 7.8 aten channels_last).
+      32x80x32x32: 83 vs 550 ms aten channels_last, 370 FFT).
     """
-    if k >= WGRAD_FFT_MIN_K or dilation * (k // 2) >= WGRAD_FFT_MIN_PAD:
+    if k == 1:
+        return "scale"
+    if by_phases(k, dilation):
+        return "phases"
+    if k >= WGRAD_FFT_MIN_K:
         return "fft"
-    return "aten" if k == 3 or dilation >= 3 else "batch"
+    if k == 3 or dilation >= 3:
+        return "aten"
+    return "fft" if dilation * (k // 2) >= WGRAD_FFT_MIN_PAD else "batch"
 
 
 def weight_grad(grad_out: Tensor, x: Tensor, k: int, dilation: int) -> Tensor:
     """``w[c, 0, i, j] = sum_{b,y,x} x_pad[b, c, y + i*d, x + j*d] * dy[b, c, y, x]`` as a
     ``(C, 1, K, K)`` tensor in the accumulation dtype (fp32, fp64 for fp64)."""
-    acc = _acc(x.dtype)
-    return _WGRAD[weight_grad_path(k, dilation)](grad_out.to(acc), x.to(acc), k, dilation).contiguous()
+    acc, path = _acc(x.dtype), weight_grad_path(k, dilation)
+    if path == "aten":
+        fmt = forward_layout(k, dilation, layout(x), width=x.shape[-1])
+        grad_out, x = grad_out.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt)
+    return _WGRAD[path](grad_out.to(acc), x.to(acc), k, dilation).contiguous()
 
 
 def aten_weight_grad(dy: Tensor, x: Tensor, k: int, d: int) -> Tensor:
@@ -164,4 +204,15 @@ def _wgrad_fft(dy: Tensor, x: Tensor, k: int, d: int) -> Tensor:
     return corr[:, rows[:, None], cols[None, :]].unsqueeze(1)
 
 
-_WGRAD = {"aten": aten_weight_grad, "batch": _wgrad_batch, "fft": _wgrad_fft}
+def _wgrad_scale(dy: Tensor, x: Tensor, k: int, d: int) -> Tensor:
+    """K = 1: the gradient of a per-channel scale, ``sum_{b,y,x} x * dy``."""
+    return (x * dy).sum((0, 2, 3)).view(-1, 1, 1, 1)
+
+
+def _wgrad_phases(dy: Tensor, x: Tensor, k: int, d: int) -> Tensor:
+    """The undilated weight gradient of the d*d phases (:func:`to_phases`): every sample and phase adds to it."""
+    return weight_grad(to_phases(dy, d), to_phases(x, d), k, 1)
+
+
+_WGRAD = {"aten": aten_weight_grad, "batch": _wgrad_batch, "fft": _wgrad_fft, "phases": _wgrad_phases,
+          "scale": _wgrad_scale}
