@@ -298,16 +298,17 @@ def test_opcheck_weight_grad():
 
 
 class _Block(torch.nn.Module):
-    """A DWConv2d followed by a functional dwconv2d with a folded-BN-style affine."""
+    """Two DWConv2d (3x3, 7x7) followed by a functional dwconv2d with a folded-BN-style affine."""
 
     def __init__(self):
         super().__init__()
+        self.small = DWConv2d(4, 3)  # plain F.conv2d in eager on the CPU; the op under compile / export
         self.conv = DWConv2d(4, 7)
         self.scale = torch.nn.Parameter(torch.rand(4) + 0.5)
         self.shift = torch.nn.Parameter(torch.randn(4))
 
     def forward(self, x):
-        y = torch.relu(self.conv(x))
+        y = torch.relu(self.conv(self.small(x)))
         return dwconv2d(y, self.conv.weight, None, dilation=2, scale=self.scale, shift=self.shift)
 
 
@@ -333,7 +334,7 @@ def test_torch_export_keeps_one_op():
     x = torch.randn(1, 4, 9, 10)
     ep = torch.export.export(m, (x,))
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.uniperc.dwconv2d.default) == 2
+    assert targets.count(torch.ops.uniperc.dwconv2d.default) == 3
     assert not any(t is torch.ops.aten.convolution.default for t in targets)
     torch.testing.assert_close(ep.module()(x), m(x))
 
@@ -418,6 +419,20 @@ def test_cpu_weight_grad_paths_match_aten(path):
                 assert err <= 1e-5, f"{path} K={k} d={d} {(b, c, h, w)} cl={cl}: {err:.3g}"
 
 
+def test_cpu_batch_weight_grad_keeps_the_padding_below_the_plane(monkeypatch):
+    """On non-square planes whose short side the padding reaches (the audio recipe's 3x5 and 2x3 stages),
+    batch-as-channels must grow that side first: its conv, with dy as the kernel, otherwise takes aten's slow
+    path (48x128x3x5 with K=7: 2.6 vs 0.2 ms). Values are checked by test_cpu_weight_grad_paths_match_aten."""
+    seen, conv2d = [], F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda x, w, *a, **kw: seen.append((kw["padding"], w.shape[-2:]))
+                        or conv2d(x, w, *a, **kw))
+    for (h, w), k, d in (((3, 5), 7, 1), ((2, 3), 5, 1), ((5, 3), 5, 2), ((6, 6), 7, 1)):
+        dwc._wgrad_batch(torch.randn(2, 3, h, w), torch.randn(2, 3, h, w), k, d)
+    assert len(seen) == 4
+    for pad, kernel in seen:
+        assert pad < min(kernel), seen
+
+
 @pytest.mark.parametrize("path", dwc.WGRAD_PATHS + ("scale", "phases"))
 def test_cpu_weight_grad_paths_gradcheck_fp64(path, monkeypatch):
     """gradcheck of the whole op (forward, input and weight gradients) with the path forced ("phases": every
@@ -477,6 +492,35 @@ def test_cpu_op_matches_conv2d_autograd(force, monkeypatch):
             for name, a, b in (("y", y, yr), ("dx", xs.grad, xr.grad), ("dw", ws.grad, wr.grad)):
                 err = ((a.double() - b).abs().max() / b.abs().max()).item()
                 assert err <= 1e-5, f"{force} K={k} d={d} {name}: {err:.3g}"
+
+
+def test_cpu_3x3_skips_the_custom_op_in_eager_only(monkeypatch):
+    """On CPU tensors in fp32 / fp64 a 3x3 kernel at dilation 1 is plain F.conv2d autograd (the op would run
+    the same aten kernels, plus its dispatch); other kernels, dilations, bf16 and the compiled graph keep the op.
+    Same values, and the weight gradient in the weight's strides on a channels_last input too."""
+    set_backend("torch")
+    calls = []
+    real = dw._dwconv2d_op
+    monkeypatch.setattr(dw, "_dwconv2d_op", lambda *a: calls.append(a[1].shape[-1]) or real(*a))
+    assert [dwc.aten_throughout(k, d, torch.contiguous_format) for k, d in ((3, 1), (3, 2), (3, 4), (5, 1), (1, 1))] \
+        == [True, False, False, False, False]
+    g = torch.Generator().manual_seed(5)
+    for cl in (False, True):
+        x = torch.randn(2, 4, 6, 7, generator=g, dtype=torch.float64)
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        w, b, s, t = (torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+                      for shape in ((4, 1, 3, 3), (4,), (4,), (4,)))
+        y = dwconv2d(x, w, b, scale=s, shift=t)
+        ref = (F.conv2d(x, w, b, padding=1, groups=4) * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1))
+        torch.testing.assert_close(y, ref)
+        assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        y.square().sum().backward()
+        assert w.grad.stride() == w.stride()
+    assert calls == []
+    dwconv2d(torch.randn(1, 4, 6, 7), torch.randn(4, 1, 3, 3), dilation=2)
+    dwconv2d(torch.randn(1, 4, 6, 7), torch.randn(4, 1, 5, 5))
+    dwconv2d(torch.randn(1, 4, 6, 7, dtype=torch.bfloat16), torch.randn(4, 1, 3, 3, dtype=torch.bfloat16))
+    assert calls == [3, 5, 3]
 
 
 def test_cpu_dispatch_rule_and_bf16():

@@ -21,6 +21,10 @@ Both backends sit behind one ``torch.library`` custom op, ``uniperc::dwconv2d``,
 ``uniperc::dwconv2d_weight_grad`` (a per-(c, kh, kw) reduction over batch and pixels). The bias and
 affine gradients follow from that reduction in closed form (see :func:`_backward`), so the forward
 output is never stored or recomputed.
+
+One exception, for speed: in eager mode on the CPU, a 3x3 conv (where the op would only wrap aten's own
+kernels, plus its dispatch) runs as plain ``F.conv2d`` (:func:`_aten_in_eager`); compiled and exported
+graphs keep the op.
 """
 from __future__ import annotations
 
@@ -292,7 +296,34 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, dilati
             v.to(dt) if isinstance(v, Tensor) and v.is_floating_point() else v
             for v in (x, weight, bias, scale, shift))
     _validate(x, weight, bias, scale, shift, dilation)
+    if _aten_in_eager(x, weight, dilation):
+        return _aten_dwconv2d(x, weight, bias, scale, shift)
     return _dwconv2d_op(x, weight, bias, scale, shift, dilation)
+
+
+def _aten_in_eager(x: Tensor, weight: Tensor, dilation: int) -> bool:
+    """Whether this call skips the custom op for plain ``F.conv2d`` autograd: on CPU tensors in fp32 / fp64,
+    outside ``torch.compile`` / ``torch.export`` (which keep the one opaque op), where the op would run aten's
+    kernels throughout (:func:`dwconv_cpu.aten_throughout`, a 3x3 kernel). There the op adds only its Python
+    dispatch, about 0.13 ms per forward + backward, which made every 3x3 depthwise conv 0.6-0.9x of aten's
+    (UniRepLKNet-A's stage 1, 8x40x56x56)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not _uses_triton(x)
+            and not torch.compiler.is_compiling()
+            and dwconv_cpu.aten_throughout(weight.shape[-1], dilation, dwconv_cpu.layout(x)))
+
+
+def _aten_dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                   shift: Optional[Tensor]) -> Tensor:
+    """What the op computes, as aten ops. On a channels_last input aten hands the ``(C, 1, K, K)`` weight
+    gradient back with another stride in its size-1 dim than the weight's, which DDP's gradient buckets warn
+    about. Passing the weight through a flatten and back puts the gradient in the weight's strides (the
+    backward of a view recomputes them), as the op's own backward does, for two view nodes instead of a copy."""
+    if dwconv_cpu.layout(x) == torch.channels_last:
+        weight = weight.flatten(1).view_as(weight)
+    y = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+    if scale is not None:
+        y = y * scale.view(1, -1, 1, 1)
+    return y if shift is None else y + shift.view(1, -1, 1, 1)
 
 
 class DWConv2d(nn.Conv2d):
