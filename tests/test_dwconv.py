@@ -494,33 +494,61 @@ def test_cpu_op_matches_conv2d_autograd(force, monkeypatch):
                 assert err <= 1e-5, f"{force} K={k} d={d} {name}: {err:.3g}"
 
 
+def test_cpu_eager_calls_skip_the_custom_ops_dispatch_with_the_same_results(monkeypatch):
+    """Eager CPU calls run the op's functions through an autograd.Function (the custom op's dispatch cost
+    0.1 ms a call); values and every gradient equal the custom op's own autograd, bit for bit."""
+    set_backend("torch")
+    g = torch.Generator().manual_seed(8)
+    for (h, w), k, d in (((5, 7), 5, 1), ((9, 9), 7, 3), ((4, 4), 13, 1)):
+        x = torch.randn(2, 3, h, w, generator=g)
+        wt, b, s, t = (torch.randn(*shape, generator=g) for shape in ((3, 1, k, k), (3,), (3,), (3,)))
+        args = [v.clone().requires_grad_() for v in (x, wt, b, s, t)]
+        ref_args = [v.clone().requires_grad_() for v in (x, wt, b, s, t)]
+        y = dwconv2d(*args[:3], dilation=d, scale=args[3], shift=args[4])
+        ref = torch.ops.uniperc.dwconv2d(*ref_args, d)
+        assert y.grad_fn.name() == "_EagerCPUBackward" and ref.grad_fn.name() != y.grad_fn.name()
+        assert torch.equal(y, ref)
+        gy = torch.randn(y.shape, generator=g)
+        for a, r in zip(torch.autograd.grad(y, args, gy), torch.autograd.grad(ref, ref_args, gy)):
+            assert torch.equal(a, r)
+    monkeypatch.setattr(dw, "_EagerCPU", None)  # compiled graphs must not reach it
+    compiled = torch.compile(lambda x, w: dwconv2d(x, w), fullgraph=True, backend="eager")
+    compiled(torch.randn(1, 3, 6, 6), torch.randn(3, 1, 7, 7))
+
+
 def test_cpu_3x3_skips_the_custom_op_in_eager_only(monkeypatch):
-    """On CPU tensors in fp32 / fp64 a 3x3 kernel at dilation 1 is plain F.conv2d autograd (the op would run
-    the same aten kernels, plus its dispatch); other kernels, dilations, bf16 and the compiled graph keep the op.
-    Same values, and the weight gradient in the weight's strides on a channels_last input too."""
+    """On CPU tensors in fp32 / fp64 a 3x3 kernel at dilation 1 -- also a larger one of which only the centre 3x3
+    reaches the plane -- is plain F.conv2d autograd (the op would run the same aten kernels, plus its dispatch);
+    other kernels, dilations and bf16 run the op's own algorithms (:func:`_forward`; the compiled graph keeps
+    the op, see the compile and export tests). Same values and gradients as F.conv2d with
+    the whole kernel, and the weight gradient in the weight's strides on a channels_last input too."""
     set_backend("torch")
     calls = []
-    real = dw._dwconv2d_op
-    monkeypatch.setattr(dw, "_dwconv2d_op", lambda *a: calls.append(a[1].shape[-1]) or real(*a))
+    real = dw._forward
+    monkeypatch.setattr(dw, "_forward", lambda *a: calls.append(a[1].shape[-1]) or real(*a))
     assert [dwc.aten_throughout(k, d, torch.contiguous_format) for k, d in ((3, 1), (3, 2), (3, 4), (5, 1), (1, 1))] \
         == [True, False, False, False, False]
     g = torch.Generator().manual_seed(5)
     for cl in (False, True):
-        x = torch.randn(2, 4, 6, 7, generator=g, dtype=torch.float64)
-        x = x.contiguous(memory_format=torch.channels_last) if cl else x
-        w, b, s, t = (torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
-                      for shape in ((4, 1, 3, 3), (4,), (4,), (4,)))
-        y = dwconv2d(x, w, b, scale=s, shift=t)
-        ref = (F.conv2d(x, w, b, padding=1, groups=4) * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1))
-        torch.testing.assert_close(y, ref)
-        assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-        y.square().sum().backward()
-        assert w.grad.stride() == w.stride()
+        for k, h, wd in ((3, 6, 7), (5, 2, 2), (7, 1, 2)):
+            x = torch.randn(2, 4, h, wd, generator=g, dtype=torch.float64)
+            x = x.contiguous(memory_format=torch.channels_last) if cl else x
+            w, b, s, t = (torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+                          for shape in ((4, 1, k, k), (4,), (4,), (4,)))
+            y = dwconv2d(x, w, b, scale=s, shift=t)
+            ref = (F.conv2d(x, w, b, padding=k // 2, groups=4) * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1))
+            torch.testing.assert_close(y, ref)
+            assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            got = torch.autograd.grad(y.square().sum(), (w, b, s, t))
+            for a, r in zip(got, torch.autograd.grad(ref.square().sum(), (w, b, s, t))):
+                torch.testing.assert_close(a, r)
+            assert got[0].stride() == w.stride(), (k, cl)
     assert calls == []
     dwconv2d(torch.randn(1, 4, 6, 7), torch.randn(4, 1, 3, 3), dilation=2)
     dwconv2d(torch.randn(1, 4, 6, 7), torch.randn(4, 1, 5, 5))
     dwconv2d(torch.randn(1, 4, 6, 7, dtype=torch.bfloat16), torch.randn(4, 1, 3, 3, dtype=torch.bfloat16))
-    assert calls == [3, 5, 3]
+    dwconv2d(torch.randn(1, 4, 1, 1), torch.randn(4, 1, 3, 3))  # reaches 1x1: the op's per-channel scale
+    assert calls == [3, 5, 3, 3]
 
 
 def test_cpu_dispatch_rule_and_bf16():
@@ -599,8 +627,33 @@ def test_cpu_bench_runs(capsys):
         assert r["speedup_cl"] == pytest.approx(r["aten_cl"] / r["ours_cl"])
         assert r["bwd_ratio"] == pytest.approx(r["ours"] / r["ours_fwd"])
     assert "fwdbwd/fwd" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="odd K"):
+    with pytest.raises(SystemExit):
         bench.main(["--shapes", "1x2x6x7x4"])
+    assert "error: shape '1x2x6x7x4' must be BxCxHxWxK or BxCxHxWxKxD with odd K" in capsys.readouterr().err
+
+
+def test_cpu_bench_times_the_shapes_of_a_run(tmp_path, capsys):
+    """``--run``: the distinct depthwise convs of a run's model in its train form, at the run's batch size (here
+    UniRepLKNet's dilated branches on 8x8 / 4x4 / 2x2 / 1x1 planes of a 32 px input), in the order they run."""
+    import yaml
+
+    from uniperc.bench import dwconv_cpu as bench
+
+    task = {"task": "classification", "in_chans": 3, "num_outputs": 10, "output_names": list("0123456789"),
+            "input_size": [32, 32], "adapter_config": {}, "label_smoothing": 0.0, "head": "pooled",
+            "target_shape": None, "residual_channels": None, "stem": "backbone", "views": None}
+    spec = {"backbone": "unireplknet_a", "tasks": {"image": task},
+            "backbone_kwargs": {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "kernel_sizes": [3, 7, 0, 0]}}
+    (tmp_path / "model_spec.json").write_text(json.dumps(spec))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"modalities": {"image": {"batch_size": 5}}}))
+    assert bench.shapes_of_run(tmp_path) == [(5, 8, 8, 8, 3, 1), (5, 16, 4, 4, 7, 1), (5, 16, 4, 4, 5, 1),
+                                             (5, 16, 4, 4, 3, 2), (5, 16, 4, 4, 3, 3)]
+    rows = bench.main(["--run", str(tmp_path), "--repeats", "1"])
+    assert [(*r["shape"], r["K"], r["dilation"]) for r in rows] == bench.shapes_of_run(tmp_path)
+    (tmp_path / "config.yaml").unlink()
+    with pytest.raises(SystemExit):
+        bench.main(["--run", str(tmp_path)])
+    assert "has no config.yaml" in capsys.readouterr().err
 
 
 def test_taps_beyond_a_small_plane_are_dropped_exactly(monkeypatch):

@@ -1,7 +1,8 @@
 """CPU benchmark of ``uniperc.ops.dwconv2d`` (its :mod:`uniperc.ops.dwconv_cpu` algorithms) against
 PyTorch's own depthwise kernels in NCHW and in channels_last.
 
-``python -m uniperc.bench dwconv_cpu [--threads 1] [--shapes BxCxHxWxK[xD],...]``. Per shape it prints the
+``python -m uniperc.bench dwconv_cpu [--threads 1] [--shapes BxCxHxWxK[xD],...] [--run OUTPUT_DIR]``
+(``--run``: the shapes of a training run's model instead, train form at the run's batch size). Per shape it prints the
 median wall time (ms) of forward+backward (input and weight gradients) of ``F.conv2d`` and of the op, each on
 an NCHW and on a channels_last input; the op's speed-up over aten on the same layout (NCHW, channels_last) and
 of the op's better layout over aten's better one ("best"); the op's forward alone (NCHW input) and its ratio
@@ -65,13 +66,34 @@ def measure(b, c, h, w, k, d, repeats: int) -> dict:
                 bwd_ratio=ms["ours"] / ms["ours_fwd"])
 
 
+def shapes_of_run(output_dir) -> list[tuple]:
+    """Every distinct ``(B, C, H, W, K, d)`` depthwise conv of a run's model (train form, random weights: only
+    the shapes matter) on one batch of each modality at the run's batch size, in the order the model runs them."""
+    from uniperc import runs
+    from uniperc.multimodal import MultiModalNet
+
+    spec, cfg = runs.read_model_spec(output_dir), runs.read_config(output_dir)
+    if cfg is None:
+        raise ValueError(f"run folder {str(output_dir)!r} has no {runs.CONFIG_FILE}")
+    model = MultiModalNet(spec["backbone"], spec["tasks"], spec["backbone_kwargs"]).train()
+    with torch.no_grad(), dw.recording_calls() as calls:
+        for name, task in spec["tasks"].items():
+            batch = cfg["modalities"][name]["batch_size"]
+            model(torch.zeros(batch, task["in_chans"], *task["input_size"]), name)
+    return list(dict.fromkeys(calls))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m uniperc.bench dwconv_cpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="BxCxHxWxK[xD],...")
+    p.add_argument("--run", metavar="OUTPUT_DIR", help="time the shapes of this training run's model instead")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    shapes = [_shape(s) for s in args.shapes.split(",") if s]
+    try:
+        shapes = shapes_of_run(args.run) if args.run else [_shape(s) for s in args.shapes.split(",") if s]
+    except ValueError as exc:
+        p.error(str(exc))
     torch.set_num_threads(args.threads)
     old = dw.get_backend()
     dw.set_backend("torch")

@@ -22,12 +22,15 @@ Both backends sit behind one ``torch.library`` custom op, ``uniperc::dwconv2d``,
 affine gradients follow from that reduction in closed form (see :func:`_backward`), so the forward
 output is never stored or recomputed.
 
-One exception, for speed: in eager mode on the CPU, a 3x3 conv (where the op would only wrap aten's own
-kernels, plus its dispatch) runs as plain ``F.conv2d`` (:func:`_aten_in_eager`); compiled and exported
-graphs keep the op.
+In eager mode on the CPU, where the custom op's Python dispatch (about 0.1 ms per forward + backward) weighs on
+small planes, :func:`dwconv2d` skips it: a conv whose reach is 3x3 at dilation 1 (where the op would only wrap
+aten's own kernels) runs as plain ``F.conv2d`` (:func:`_aten_in_eager`), every other one through
+:class:`_EagerCPU`, an ``autograd.Function`` over the op's own functions (same results, bit for bit). Compiled
+and exported graphs keep the op.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
@@ -49,6 +52,8 @@ MAX_KERNEL_SIZE = 127
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "UNIPERC_DWCONV"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # fp64: exact reparam checks
+#: Lists that :func:`recording_calls` fills; empty (the usual case) costs one truth test per call.
+_RECORDERS: list[list] = []
 
 
 def _parse_backend(name, source: str) -> str:
@@ -128,6 +133,12 @@ def _empty_output(x: Tensor) -> Tensor:
 def _dwconv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
                  shift: Optional[Tensor], dilation: int) -> Tensor:
     """``(dwconv(x, weight) + bias) * scale + shift``; inputs already validated by :func:`dwconv2d`."""
+    return _forward(x, weight, bias, scale, shift, dilation)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+             shift: Optional[Tensor], dilation: int) -> Tensor:
+    """What ``uniperc::dwconv2d`` computes, as a plain function (the op's body and :class:`_EagerCPU`'s)."""
     if _uses_triton(x):
         return _triton_kernels().forward(x, weight, bias, scale, shift, dilation, out=_empty_output(x))
     k = weight.shape[-1]
@@ -157,6 +168,11 @@ def _dwconv2d_fake(x, weight, bias, scale, shift, dilation):
 def _weight_grad_op(grad_out: Tensor, x: Tensor, kernel_size: int, dilation: int) -> Tensor:
     """Gradient ``(C, 1, K, K)`` of ``sum(grad_out * dwconv(x, w))`` w.r.t. ``w``, in the accumulation
     dtype (fp32, fp64 for fp64 inputs) so the affine gradients derived from it keep full precision."""
+    return _weight_grad(grad_out, x, kernel_size, dilation)
+
+
+def _weight_grad(grad_out: Tensor, x: Tensor, kernel_size: int, dilation: int) -> Tensor:
+    """What ``uniperc::dwconv2d_weight_grad`` computes, as a plain function."""
     if _uses_triton(x):
         return _triton_kernels().weight_grad(grad_out, x, kernel_size, dilation)
     k = kernel_size
@@ -181,6 +197,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
+    """The op's registered autograd formula: :func:`_gradients` through the two custom ops."""
+    return _gradients(ctx, grad_out, _dwconv2d_op, _weight_grad_op)
+
+
+def _gradients(ctx, grad_out, conv, weight_grad):
     """With ``z = conv(x, w) + b``, ``y = z * s + t`` and ``G = corr(x, dy)`` (the weight-grad op):
     ``dx = conv(dy, flip(w)) * s``, ``dw = G * s``, ``db = s * sum(dy)``, ``dt = sum(dy)`` and
     ``ds = sum(dy * z) = sum_ij(w * G) + b * sum(dy)`` -- no need to keep ``z`` from the forward."""
@@ -190,10 +211,10 @@ def _backward(ctx, grad_out):
     grad_out = grad_out.contiguous(memory_format=_memory_format(x))
     gx = gw = gb = gs = gt = None
     if need_x:
-        gx = _dwconv2d_op(grad_out, weight.flip((-2, -1)), None, scale, None, d)
+        gx = conv(grad_out, weight.flip((-2, -1)), None, scale, None, d)
     s_acc = scale.to(acc) if scale is not None else None
     if need_w or need_s:
-        g = _weight_grad_op(grad_out, x, k, d)
+        g = weight_grad(grad_out, x, k, d)
         if need_w:
             gw = (g * s_acc.view(-1, 1, 1, 1) if s_acc is not None else g).to(weight.dtype)
             if gw.stride() != weight.stride():  # (C, 1, K, K): the size-1 dim's stride differs; DDP's buckets
@@ -214,6 +235,21 @@ def _backward(ctx, grad_out):
 
 
 _dwconv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerCPU(torch.autograd.Function):
+    """The op's forward and gradients without the custom op, for eager calls on CPU tensors: the same
+    functions, minus the custom op's Python dispatch (about 0.1 ms per forward + backward, which made
+    the op 0.67-0.87x of aten on the demo recipes' smallest stages, e.g. 16x48x4x4 with K = 5)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, dilation):
+        _setup_context(ctx, (x, weight, bias, scale, shift, dilation), None)
+        return _forward(x, weight, bias, scale, shift, dilation)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _gradients(ctx, grad_out, _forward, _weight_grad)
 
 
 # 2*K*K FLOPs per output element, so ``FlopCounterMode`` counts the op (it cannot see inside a custom op).
@@ -296,34 +332,58 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, dilati
             v.to(dt) if isinstance(v, Tensor) and v.is_floating_point() else v
             for v in (x, weight, bias, scale, shift))
     _validate(x, weight, bias, scale, shift, dilation)
+    if _RECORDERS:
+        _RECORDERS[-1].append((*x.shape, weight.shape[-1], dilation))
     if _aten_in_eager(x, weight, dilation):
         return _aten_dwconv2d(x, weight, bias, scale, shift)
+    if _eager_cpu(x):
+        return _EagerCPU.apply(x, weight, bias, scale, shift, dilation)
     return _dwconv2d_op(x, weight, bias, scale, shift, dilation)
+
+
+def _eager_cpu(x: Tensor) -> bool:
+    """A call on CPU tensors with the torch backend, outside ``torch.compile`` / ``torch.export`` (which keep
+    the one opaque op): :func:`dwconv2d` may then skip the custom op's dispatch."""
+    return x.device.type == "cpu" and not _uses_triton(x) and not torch.compiler.is_compiling()
 
 
 def _aten_in_eager(x: Tensor, weight: Tensor, dilation: int) -> bool:
     """Whether this call skips the custom op for plain ``F.conv2d`` autograd: on CPU tensors in fp32 / fp64,
     outside ``torch.compile`` / ``torch.export`` (which keep the one opaque op), where the op would run aten's
-    kernels throughout (:func:`dwconv_cpu.aten_throughout`, a 3x3 kernel). There the op adds only its Python
-    dispatch, about 0.13 ms per forward + backward, which made every 3x3 depthwise conv 0.6-0.9x of aten's
-    (UniRepLKNet-A's stage 1, 8x40x56x56)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not _uses_triton(x)
-            and not torch.compiler.is_compiling()
-            and dwconv_cpu.aten_throughout(weight.shape[-1], dilation, dwconv_cpu.layout(x)))
+    kernels throughout (:func:`dwconv_cpu.aten_throughout`): a 3x3 kernel, or a larger one of which only the
+    centre 3x3 reaches the plane (:func:`dwconv_cpu.reach`; K = 5 or 7 on a 2x2 plane). There the op adds only
+    its Python dispatch, about 0.13 ms per forward + backward, which made every 3x3 depthwise conv 0.6-0.9x of
+    aten's (UniRepLKNet-A's stage 1, 8x40x56x56) and K=5 on 16x96x2x2 0.54x."""
+    return (_eager_cpu(x) and x.dtype in (torch.float32, torch.float64)
+            and dwconv_cpu.aten_throughout(dwconv_cpu.reach(weight.shape[-1], dilation, *x.shape[-2:]), dilation,
+                                           dwconv_cpu.layout(x)))
 
 
 def _aten_dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
                    shift: Optional[Tensor]) -> Tensor:
-    """What the op computes, as aten ops. On a channels_last input aten hands the ``(C, 1, K, K)`` weight
-    gradient back with another stride in its size-1 dim than the weight's, which DDP's gradient buckets warn
-    about. Passing the weight through a flatten and back puts the gradient in the weight's strides (the
+    """What the op computes, as aten ops, on the 3x3 centre of the kernel (the other taps only meet the
+    padding; their gradient is zero, as the op's). On a channels_last input aten hands the ``(C, 1, K, K)``
+    weight gradient back with another stride in its size-1 dim than the weight's, which DDP's gradient buckets
+    warn about. Passing the weight through a flatten and back puts the gradient in the weight's strides (the
     backward of a view recomputes them), as the op's own backward does, for two view nodes instead of a copy."""
     if dwconv_cpu.layout(x) == torch.channels_last:
         weight = weight.flatten(1).view_as(weight)
-    y = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+    y = F.conv2d(x, dwconv_cpu.centre(weight, 3), bias, padding=1, groups=x.shape[1])
     if scale is not None:
         y = y * scale.view(1, -1, 1, 1)
     return y if shift is None else y + shift.view(1, -1, 1, 1)
+
+
+@contextlib.contextmanager
+def recording_calls():
+    """Inside the block, every :func:`dwconv2d` call appends ``(B, C, H, W, K, dilation)`` to the list it
+    yields: the shapes a model really runs, for ``python -m uniperc.bench dwconv_cpu --run``."""
+    calls: list[tuple] = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
 
 
 class DWConv2d(nn.Conv2d):
