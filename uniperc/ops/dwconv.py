@@ -24,7 +24,7 @@ output is never stored or recomputed.
 
 In eager mode on the CPU, where the custom op's Python dispatch (about 0.1 ms per forward + backward) weighs on
 small planes, :func:`dwconv2d` skips it: a conv whose reach is 3x3 at dilation 1 (where the op would only wrap
-aten's own kernels) runs as plain ``F.conv2d`` (:func:`_aten_in_eager`), every other one through
+aten's own kernels) runs as plain ``F.conv2d`` (:func:`_aten_throughout`), every other one through
 :class:`_EagerCPU`, an ``autograd.Function`` over the op's own functions (same results, bit for bit). Compiled
 and exported graphs keep the op.
 """
@@ -334,9 +334,9 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, dilati
     _validate(x, weight, bias, scale, shift, dilation)
     if _RECORDERS:
         _RECORDERS[-1].append((*x.shape, weight.shape[-1], dilation))
-    if _aten_in_eager(x, weight, dilation):
-        return _aten_dwconv2d(x, weight, bias, scale, shift)
     if _eager_cpu(x):
+        if _aten_throughout(x, weight, dilation):
+            return _aten_dwconv2d(x, weight, bias, scale, shift)
         return _EagerCPU.apply(x, weight, bias, scale, shift, dilation)
     return _dwconv2d_op(x, weight, bias, scale, shift, dilation)
 
@@ -347,16 +347,14 @@ def _eager_cpu(x: Tensor) -> bool:
     return x.device.type == "cpu" and not _uses_triton(x) and not torch.compiler.is_compiling()
 
 
-def _aten_in_eager(x: Tensor, weight: Tensor, dilation: int) -> bool:
-    """Whether this call skips the custom op for plain ``F.conv2d`` autograd: on CPU tensors in fp32 / fp64,
-    outside ``torch.compile`` / ``torch.export`` (which keep the one opaque op), where the op would run aten's
+def _aten_throughout(x: Tensor, weight: Tensor, dilation: int) -> bool:
+    """Whether an eager CPU call is plain ``F.conv2d`` autograd: in fp32 / fp64, where the op would run aten's
     kernels throughout (:func:`dwconv_cpu.aten_throughout`): a 3x3 kernel, or a larger one of which only the
     centre 3x3 reaches the plane (:func:`dwconv_cpu.reach`; K = 5 or 7 on a 2x2 plane). There the op adds only
-    its Python dispatch, about 0.13 ms per forward + backward, which made every 3x3 depthwise conv 0.6-0.9x of
-    aten's (UniRepLKNet-A's stage 1, 8x40x56x56) and K=5 on 16x96x2x2 0.54x."""
-    return (_eager_cpu(x) and x.dtype in (torch.float32, torch.float64)
-            and dwconv_cpu.aten_throughout(dwconv_cpu.reach(weight.shape[-1], dilation, *x.shape[-2:]), dilation,
-                                           dwconv_cpu.layout(x)))
+    its Python dispatch, which made every 3x3 depthwise conv 0.6-0.9x of aten's (UniRepLKNet-A's stage 1,
+    8x40x56x56) and K=5 on 16x96x2x2 0.54x."""
+    return x.dtype in (torch.float32, torch.float64) and dwconv_cpu.aten_throughout(
+        dwconv_cpu.reach(weight.shape[-1], dilation, *x.shape[-2:]), dilation, dwconv_cpu.layout(x))
 
 
 def _aten_dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
