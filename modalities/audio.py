@@ -37,7 +37,9 @@ import math
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -69,6 +71,18 @@ FESTIVAL_VOICES = {
 # cmu_us_slt_arctic_hts; awb_time is a limited-domain talking clock (its "zero" lasts 0.14 s). The value says
 # whether the voice follows ``int_f0_target_mean`` (rms ignores it: its output is bit-identical).
 FLITE_VOICES = {"awb": True, "rms": False}  # awb: Scottish-English male; rms: US male
+# MBROLA diphone voices for *training* (mbrola_per_class > 0), spoken through espeak-ng's front end: recorded
+# diphones concatenated by the MBROLA engine, the kind of synthesis festival's kal / ked voices are, from other
+# speakers and another engine. Voice -> Debian package (contrib/non-free: MBROLA's licence is non-commercial).
+MBROLA_VOICES = {
+    "us1": "mbrola-us1",  # US female
+    "us2": "mbrola-us2",  # US male
+    "us3": "mbrola-us3",  # US male
+    "en1": "mbrola-en1",  # British male
+}
+# SVOX Pico voices for *training* (pico_per_class > 0): HMM-based statistical-parametric speech, the kind
+# festival's slt voice is, from another engine and other (female) speakers. Debian non-free libttspico-utils.
+PICO_VOICES = ("en-US", "en-GB")
 SPEECH_COMMANDS_V2_LABELS = (
     "backward", "bed", "bird", "cat", "dog", "down", "eight", "five", "follow", "forward", "four", "go",
     "happy", "house", "learn", "left", "marvin", "nine", "no", "off", "on", "one", "right", "seven",
@@ -328,6 +342,10 @@ class AudioModality(Modality):
         festival_per_class: int = 0,
         flite_per_class: int = 0,
         flite_formant_scale: tuple[float, float] = (1.0, 1.0),
+        mbrola_per_class: int = 0,
+        mbrola_formant_scale: tuple[float, float] = (1.0, 1.0),
+        pico_per_class: int = 0,
+        pico_formant_scale: tuple[float, float] = (1.0, 1.0),
     ):
         """Spoken digits "zero".."nine" from espeak-ng: ``n_per_class`` clips per digit (default 2200 clips).
 
@@ -343,12 +361,12 @@ class AudioModality(Modality):
         listed in ``test_festival_list.txt``: the ``test_festival`` split, in no other split. It is 0 by
         default, so only a config that asks for it needs festival installed.
 
-        ``flite_per_class`` > 0 adds that many *training* clips per digit spoken by CMU flite
-        (:func:`_flite_clips`, voices :data:`FLITE_VOICES`): a second kind of synthesis to learn from. A
-        ``val_fraction`` of the flite sessions goes to validation, the rest to train; the test split stays the
-        held-out espeak voices and ``test_festival`` stays unheard. Needs the ``flite`` program.
-        ``flite_formant_scale`` ``(low, high)``: each flite session's vocal-tract scale is drawn uniformly from it
-        (1 = the voice as it is; see :func:`_flite_clips`).
+        ``flite_per_class``, ``mbrola_per_class``, ``pico_per_class`` > 0 add that many *training* sessions of
+        the ten digits spoken by CMU flite, MBROLA and SVOX Pico (:data:`TRAINING_SYNTHESISERS`,
+        :func:`_training_clips`): other kinds of synthesis to learn from. A ``val_fraction`` of each one's sessions
+        goes to validation, the rest to train; the test split stays the held-out espeak voices and
+        ``test_festival`` stays unheard. Each needs its program and voices. ``<name>_formant_scale``
+        ``(low, high)``: each session's vocal-tract scale is drawn uniformly from it (1 = the voice as it is).
         """
         import soundfile as sf
 
@@ -362,15 +380,19 @@ class AudioModality(Modality):
             raise ValueError(f"audio demo: n_per_class must be >= 1, got {n_per_class}")
         if festival_per_class < 0:
             raise ValueError(f"audio demo: festival_per_class must be >= 0, got {festival_per_class}")
-        if flite_per_class < 0:
-            raise ValueError(f"audio demo: flite_per_class must be >= 0, got {flite_per_class}")
-        if len(flite_formant_scale) != 2 or not 0.5 <= flite_formant_scale[0] <= flite_formant_scale[1] <= 2:
-            raise ValueError(f"audio demo: flite_formant_scale must be [low, high] with 0.5 <= low <= high <= 2, "
-                             f"got {flite_formant_scale}")
+        extra = {"flite": (flite_per_class, flite_formant_scale), "mbrola": (mbrola_per_class, mbrola_formant_scale),
+                 "pico": (pico_per_class, pico_formant_scale)}
+        for name, (per_class, scale) in extra.items():
+            if per_class < 0:
+                raise ValueError(f"audio demo: {name}_per_class must be >= 0, got {per_class}")
+            if len(scale) != 2 or not 0.5 <= scale[0] <= scale[1] <= 2:
+                raise ValueError(f"audio demo: {name}_formant_scale must be [low, high] with 0.5 <= low <= high <= 2, "
+                                 f"got {scale}")
         if festival_per_class:
             _check_festival()  # before any espeak work, so a missing voice costs no time
-        if flite_per_class:
-            _check_flite()
+        for name, (per_class, _) in extra.items():
+            if per_class:
+                TRAINING_SYNTHESISERS[name].check()
         root = Path(root)
         rng = np.random.default_rng(seed)
         variants = list(rng.permutation(VARIANTS))
@@ -408,14 +430,15 @@ class AudioModality(Modality):
                 sf.write(root / rel, clip, sr, subtype="PCM_16")
                 if s["split"] in lists:
                     lists[s["split"]].append(rel)
-        if flite_per_class:
-            n_val = round(flite_per_class * val_fraction)
-            for digit, speaker, k, clip, sr in _flite_clips(flite_per_class, seed, workers, flite_formant_scale):
+        for name, (per_class, scale) in extra.items():
+            n_val = round(per_class * val_fraction)
+            for digit, speaker, k, clip, sr in _training_clips(name, per_class, seed, workers, scale):
                 rel = f"{digit}/{speaker}_nohash_{k:05d}.wav"
                 sf.write(root / rel, clip, sr, subtype="PCM_16")
                 if k < n_val:
                     lists["validation"].append(rel)
-            pools["flite"] = [f"flite-{v}" for v in FLITE_VOICES]
+            if per_class:
+                pools[name] = [f"{name}-{v}" for v in TRAINING_SYNTHESISERS[name].voices]
         (root / "validation_list.txt").write_text("\n".join(lists["validation"]) + "\n")
         (root / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n")
         if festival_per_class:
@@ -546,56 +569,129 @@ def _check_flite() -> None:
                          f"{' '.join(listed[2:])}); install Debian's flite package or set flite_per_class to 0")
 
 
-def _flite(text: str, voice: str, features: dict, out: Path) -> tuple[np.ndarray, int]:
-    """One flite call writing ``out``; a failure is a ``ValueError`` naming the voice and the command."""
+def _check_mbrola() -> None:
+    """``ValueError`` naming the packages when the mbrola program or one of :data:`MBROLA_VOICES` is missing."""
+    engine = shutil.which("mbrola") is not None
+    if not engine:
+        missing = list(MBROLA_VOICES)
+    else:  # espeak-ng loads the voice's diphone file without speaking (-q) and fails if it is absent
+        missing = [v for v in MBROLA_VOICES
+                   if subprocess.run(["espeak-ng", "-v", f"mb-{v}", "-q", "one"], capture_output=True).returncode]
+    if missing:
+        packages = " ".join(([] if engine else ["mbrola"]) + [MBROLA_VOICES[v] for v in missing])
+        raise ValueError(
+            f"audio demo: mbrola_per_class > 0 needs the MBROLA voice(s) {', '.join(missing)}; install them "
+            f"(Debian, components contrib and non-free: `apt-get install -y {packages}`) or set mbrola_per_class to 0"
+        )
+
+
+def _check_pico() -> None:
+    """``ValueError`` naming the package when SVOX Pico's ``pico2wave`` is missing."""
+    if shutil.which("pico2wave") is None:
+        raise ValueError(
+            "audio demo: pico_per_class > 0 needs SVOX Pico's pico2wave, which was not found on PATH; install it "
+            "(Debian, component non-free: `apt-get install -y libttspico-utils`) or set pico_per_class to 0"
+        )
+
+
+def _synthesise_to_file(cmd: list[str], out: Path, what: str) -> tuple[np.ndarray, int]:
+    """Run one synthesiser call that writes ``out``; a failure or silence is a ``ValueError`` naming ``what``
+    (the synthesiser and voice) and the command."""
     import soundfile as sf
 
-    cmd = ["flite", "-voice", voice, *[a for f, v in features.items() for a in ("--setf", f"{f}={v:.3f}")],
-           "-t", text, "-o", str(out)]
     try:
         subprocess.run(cmd, capture_output=True, check=True, text=True)
         wave, sr = sf.read(out, dtype="float32")
     except (subprocess.CalledProcessError, sf.LibsndfileError) as e:
         detail = getattr(e, "stderr", None) or e
-        raise ValueError(f"audio demo: flite voice {voice!r} failed ({' '.join(cmd)}): {detail}") from None
+        raise ValueError(f"audio demo: {what} failed ({' '.join(cmd)}): {detail}") from None
     if wave.size == 0 or np.abs(wave).max() < 1e-3:
-        raise ValueError(f"audio demo: flite voice {voice!r} wrote silence for {text!r} ({' '.join(cmd)})")
+        raise ValueError(f"audio demo: {what} wrote silence ({' '.join(cmd)})")
     return wave, sr
 
 
-def _flite_clips(n_per_class: int, seed: int, workers: int, formant_scale: tuple[float, float] = (1.0, 1.0)):
-    """``(digit, speaker, k, clip, rate)`` for ``n_per_class`` flite sessions of the ten digits.
+@dataclass(frozen=True)
+class TrainingSynthesiser:
+    """A synthesiser the demo can add to *training* (``<name>_per_class`` sessions of the ten digits).
 
-    A session is one voice (alternating over :data:`FLITE_VOICES`), a ``duration_stretch`` of 0.8-1.25, for
-    voices that follow it an ``int_f0_target_mean`` of 85-165 Hz, and a vocal-tract scale ``a`` uniform in
-    ``formant_scale``: the words are synthesised ``a`` times slower and then played ``a`` times faster (resampled),
-    which scales formants and pitch by ``a`` at the drawn duration. flite's only voices that are not festival's
-    test speakers are male; ``a`` of 1.1-1.3 gives them shorter vocal tracts, as women's and children's are.
-    flite's SSML breaks leave no exact silence to cut at, so each digit is its own call (about 0.05 s each); the
-    words are trimmed 40 dB below their peak (flite's silence is not exact zeros) and go through
-    :func:`_postprocess` like every clip.
+    ``prosody(rng)`` draws one session's speaking rate and pitch; ``command(text, voice, prosody, scale, out)``
+    is the call that speaks ``text`` into ``out`` with durations stretched by the vocal-tract ``scale`` (see
+    :func:`_training_clips`). ``stream`` seeds the synthesiser's own random stream, so adding or resizing one
+    changes no other part of the demo set.
+    """
+
+    voices: tuple[str, ...]
+    stream: int
+    check: Callable[[], None]
+    prosody: Callable[[np.random.Generator], dict]
+    command: Callable[[str, str, dict, float, Path], list[str]]
+
+
+def _flite_command(text, voice, prosody, scale, out):
+    features = {"duration_stretch": prosody["stretch"] * scale}
+    if FLITE_VOICES[voice]:
+        features["int_f0_target_mean"] = prosody["f0"]
+    return ["flite", "-voice", voice, *[a for f, v in features.items() for a in ("--setf", f"{f}={v:.3f}")],
+            "-t", text, "-o", str(out)]
+
+
+def _mbrola_command(text, voice, prosody, scale, out):
+    return ["espeak-ng", "-v", f"mb-{voice}", "-s", str(round(prosody["wpm"] / scale)), "-p", str(prosody["pitch"]),
+            "-w", str(out), text]
+
+
+def _pico_command(text, voice, prosody, scale, out):
+    speed = round(prosody["speed"] / scale)  # pico's levels are percent of the voice's own rate and pitch
+    return ["pico2wave", "-l", voice, "-w", str(out),
+            f'<speed level="{speed}"><pitch level="{prosody["pitch"]}">{text}</pitch></speed>']
+
+
+TRAINING_SYNTHESISERS = {
+    # a duration stretch of 0.8-1.25 and, for voices that follow it, a mean F0 of 85-165 Hz
+    "flite": TrainingSynthesiser(tuple(FLITE_VOICES), 11, _check_flite,
+                                 lambda rng: {"stretch": float(rng.uniform(0.8, 1.25)),
+                                              "f0": float(rng.uniform(85, 165))}, _flite_command),
+    # espeak's own ranges for its voices: 120-220 words per minute, pitch 15-85
+    "mbrola": TrainingSynthesiser(tuple(MBROLA_VOICES), 13, _check_mbrola,
+                                  lambda rng: {"wpm": int(rng.integers(120, 221)), "pitch": int(rng.integers(15, 86))},
+                                  _mbrola_command),
+    "pico": TrainingSynthesiser(PICO_VOICES, 17, _check_pico,
+                                lambda rng: {"speed": int(rng.integers(80, 126)), "pitch": int(rng.integers(80, 126))},
+                                _pico_command),
+}
+
+
+def _training_clips(name: str, n_per_class: int, seed: int, workers: int,
+                    formant_scale: tuple[float, float] = (1.0, 1.0)):
+    """``(digit, speaker, k, clip, rate)`` for ``n_per_class`` sessions of the ten digits by the training
+    synthesiser ``name`` (:data:`TRAINING_SYNTHESISERS`).
+
+    A session is one voice (in turn over the synthesiser's voices), its drawn prosody and a vocal-tract scale
+    ``a`` uniform in ``formant_scale``: the words are synthesised ``a`` times slower and then played ``a`` times
+    faster (resampled), which scales formants and pitch by ``a`` at the drawn duration. Each digit is its own call
+    (about 0.05 s; not every synthesiser leaves exact silence at an SSML break to cut at); the words are trimmed
+    40 dB below their peak and go through :func:`_postprocess` like every clip.
     """
     import tempfile
 
     import torchaudio
 
-    rng = np.random.default_rng([seed, 11])  # its own stream: the espeak and festival parts do not change
-    voices = list(FLITE_VOICES)
+    synth = TRAINING_SYNTHESISERS[name]
+    rng = np.random.default_rng([seed, synth.stream])
     sessions = []
     for k in range(n_per_class):
-        voice = voices[k % len(voices)]
-        stretch = float(rng.uniform(0.8, 1.25))
-        f0 = float(rng.uniform(85, 165))  # drawn for every session, so the stream does not depend on the voice
+        prosody = synth.prosody(rng)
         scale = round(float(rng.uniform(*formant_scale)), 2)
-        features = {"duration_stretch": stretch * scale}
-        if FLITE_VOICES[voice]:
-            features["int_f0_target_mean"] = f0
-        sessions.append({"k": k, "voice": voice, "features": features, "scale": scale,
+        sessions.append({"k": k, "voice": synth.voices[k % len(synth.voices)], "prosody": prosody, "scale": scale,
                          "seed": int(rng.integers(2**31))})
     with tempfile.TemporaryDirectory() as tmp:
 
         def session(s):
-            waves = [_flite(d, s["voice"], s["features"], Path(tmp) / f"{s['k']}_{d}.wav") for d in DIGITS]
+            waves = []
+            for d in DIGITS:
+                out = Path(tmp) / f"{s['k']}_{d}.wav"
+                cmd = synth.command(d, s["voice"], s["prosody"], s["scale"], out)
+                waves.append(_synthesise_to_file(cmd, out, f"{name} voice {s['voice']!r} speaking {d!r}"))
             sr = waves[0][1]
             if s["scale"] != 1:  # read as sampled at scale * sr, resampled to sr: every frequency times scale
                 waves = [(torchaudio.functional.resample(torch.from_numpy(w), round(100 * s["scale"]), 100).numpy(),
@@ -603,11 +699,11 @@ def _flite_clips(n_per_class: int, seed: int, workers: int, formant_scale: tuple
             words = [_trim_below_peak(w, int(0.01 * sr), top_db=40.0) for w, _ in waves]
             return _postprocess(words, sr, np.random.default_rng(s["seed"])), sr
 
-        with ThreadPoolExecutor(workers) as pool:  # the work is in flite processes: threads suffice
+        with ThreadPoolExecutor(workers) as pool:  # the work is in synthesiser processes: threads suffice
             results = list(pool.map(session, sessions))
     for s, (clips, sr) in zip(sessions, results):
         for d, clip in zip(DIGITS, clips):
-            yield d, f"flite-{s['voice']}", s["k"], clip, sr
+            yield d, f"{name}-{s['voice']}", s["k"], clip, sr
 
 
 def _split_on_silence(wave: np.ndarray, min_gap: int) -> list[np.ndarray]:

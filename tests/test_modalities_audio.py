@@ -200,42 +200,73 @@ def test_voice_augmentation_only_in_training_and_validated():
         m.config(tempo=-0.1)
 
 
-needs_flite = pytest.mark.skipif(shutil.which("flite") is None or shutil.which("espeak-ng") is None,
-                                 reason="flite or espeak-ng not installed")
+PROGRAMS = {"flite": "flite", "mbrola": "mbrola", "pico": "pico2wave"}  # what each training synthesiser runs
 
 
-@needs_flite
+def _needs(name):
+    """Skip where the synthesiser ``name`` is not installed (``make install`` installs all of them as root)."""
+    missing = [p for p in (PROGRAMS[name], "espeak-ng") if shutil.which(p) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"{' and '.join(missing)} not installed")
+
+
+def test_every_training_synthesiser_is_tested():
+    from uniperc.modalities import audio
+
+    assert set(audio.TRAINING_SYNTHESISERS) == set(PROGRAMS)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in PROGRAMS])
 @needs_festival
-def test_flite_clips_only_in_train_and_validation(tmp_path):
-    root = m.make_demo(tmp_path / "d", seed=0, n_per_class=3, val_fraction=0.34, festival_per_class=1,
-                       flite_per_class=3)
+def test_training_synthesiser_clips_only_in_train_and_validation(tmp_path, name):
+    from uniperc.modalities import audio
+
+    voices = audio.TRAINING_SYNTHESISERS[name].voices
+    sessions = len(voices) + 1  # every voice once in training, and session 0 (the first voice) in validation
+    root = m.make_demo(tmp_path / "d", seed=0, n_per_class=3, val_fraction=1 / sessions, festival_per_class=1,
+                       **{f"{name}_per_class": sessions})
     raw = {k: v.with_format(None) for k, v in m.load("folder", path=root, cfg=m.demo_config()).items()}
-    flite = {k: {s for s in v["speaker"] if s.startswith("flite-")} for k, v in raw.items()}
-    assert flite["train"] == {"flite-awb", "flite-rms"} and flite["validation"] == {"flite-awb"}  # session 0
-    assert not flite["test"] and not flite["test_festival"] and len(raw["test_festival"]) == 10
-    assert sum(s.startswith("flite-") for v in raw.values() for s in v["speaker"]) == 30
-    assert json.loads((root / "voices.json").read_text())["flite"] == ["flite-awb", "flite-rms"]
-    wave, sr = sf.read(root / "seven" / "flite-rms_nohash_00001.wav")
+    spoken = {k: {s for s in v["speaker"] if s.startswith(f"{name}-")} for k, v in raw.items()}
+    every = {f"{name}-{v}" for v in voices}
+    assert spoken["train"] == every and spoken["validation"] == {f"{name}-{voices[0]}"}  # session 0
+    assert not spoken["test"] and not spoken["test_festival"] and len(raw["test_festival"]) == 10
+    assert sum(s.startswith(f"{name}-") for v in raw.values() for s in v["speaker"]) == 10 * sessions
+    assert json.loads((root / "voices.json").read_text())[name] == [f"{name}-{v}" for v in voices]
+    wave, sr = sf.read(root / "seven" / f"{name}-{voices[1]}_nohash_00001.wav")
     assert sr == 16000 and 0.2 < len(wave) / sr < 1.5 and np.abs(wave).max() > 0.1
 
 
-@needs_flite
-def test_flite_voices_are_not_festivals_test_speakers(monkeypatch, tmp_path):
+def test_training_voices_are_not_festivals_test_speakers():
+    """flite's kal / kal16 are festival's kal_diphone speaker and its slt is festival's slt: never trained on."""
     from uniperc.modalities import audio
 
-    assert set(audio.FLITE_VOICES) == {"awb", "rms"}  # not kal/kal16 (kal_diphone) nor slt (slt HTS)
+    assert set(audio.FLITE_VOICES) == {"awb", "rms"}
+    voices = {f"{n}-{v}" for n, s in audio.TRAINING_SYNTHESISERS.items() for v in s.voices}
+    assert not any(k in v for v in voices for k in ("kal", "ked", "slt"))
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in PROGRAMS])
+def test_training_synthesiser_sessions_draw_voice_and_prosody(monkeypatch, name):
+    from uniperc.modalities import audio
+
     calls = []
-    real = audio._flite
-    monkeypatch.setattr(audio, "_flite", lambda text, voice, features, out: calls.append((voice, features))
-                        or real(text, voice, features, out))
-    list(audio._flite_clips(2, seed=0, workers=1))
-    assert {v for v, _ in calls} == {"awb", "rms"} and len(calls) == 20
-    assert all(("int_f0_target_mean" in f) == (v == "awb") and 0.8 <= f["duration_stretch"] <= 1.25
-               for v, f in calls)
+    real = audio._synthesise_to_file
+    monkeypatch.setattr(audio, "_synthesise_to_file", lambda cmd, out, what: calls.append(cmd) or real(cmd, out, what))
+    voices = audio.TRAINING_SYNTHESISERS[name].voices
+    list(audio._training_clips(name, len(voices), seed=0, workers=1))
+    assert len(calls) == 10 * len(voices) and len({tuple(c[:-2]) for c in calls}) >= len(voices)
+    if name == "flite":  # flite's rms ignores int_f0_target_mean: only awb is given one
+        assert all(("--setf" in c and any(a.startswith("int_f0_target_mean") for a in c)) == (c[2] == "awb")
+                   and 0.8 <= float(c[c.index("--setf") + 1].split("=")[1]) <= 1.25 for c in calls)
+        assert {c[2] for c in calls} == set(voices)
+    elif name == "mbrola":
+        assert {c[2] for c in calls} == {f"mb-{v}" for v in voices}
+        assert all(120 <= int(c[4]) <= 220 and 15 <= int(c[6]) <= 85 for c in calls)
+    else:
+        assert {c[2] for c in calls} == set(voices) and all('<speed level="' in c[-1] for c in calls)
 
 
-@needs_flite
-def test_flite_formant_scale_raises_every_frequency_at_the_same_duration(tmp_path):
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in PROGRAMS])
+def test_formant_scale_raises_every_frequency_at_the_same_duration(tmp_path, name):
     """A session at vocal-tract scale 1.25 is the same words with the spectrum 1.25x higher (here: the spectral
     centroid of each word) and about the same length (the stretch compensates the faster playback)."""
     from uniperc.modalities import audio
@@ -248,24 +279,37 @@ def test_flite_formant_scale_raises_every_frequency_at_the_same_duration(tmp_pat
     clean = lambda words, sr, rng: words  # noqa: E731
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(audio, "_postprocess", clean)
-        plain = list(audio._flite_clips(1, seed=0, workers=1))
-        scaled = list(audio._flite_clips(1, seed=0, workers=1, formant_scale=(1.25, 1.25)))
+        plain = list(audio._training_clips(name, 1, seed=0, workers=1))
+        scaled = list(audio._training_clips(name, 1, seed=0, workers=1, formant_scale=(1.25, 1.25)))
     ratios = [centroid(b[3], b[4]) / centroid(a[3], a[4]) for a, b in zip(plain, scaled)]
     lengths = [len(b[3]) / len(a[3]) for a, b in zip(plain, scaled)]
     assert [a[:3] for a in plain] == [b[:3] for b in scaled] and plain[0][4] == scaled[0][4] == 16000
     assert 1.15 < float(np.median(ratios)) < 1.35, ratios
     assert 0.85 < float(np.median(lengths)) < 1.15, lengths
-    with pytest.raises(ValueError, match="flite_formant_scale"):
-        m.make_demo(tmp_path, n_per_class=1, flite_per_class=1, flite_formant_scale=(1.3, 1.1))
+    with pytest.raises(ValueError, match=f"{name}_formant_scale"):
+        m.make_demo(tmp_path, n_per_class=1, **{f"{name}_per_class": 1, f"{name}_formant_scale": (1.3, 1.1)})
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
-def test_missing_flite_is_a_clear_value_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/espeak-ng" if name == "espeak-ng" else None)
-    with pytest.raises(ValueError, match="flite.*apt-get install -y flite"):
-        m.make_demo(tmp_path, n_per_class=1, flite_per_class=1)
-    with pytest.raises(ValueError, match="flite_per_class must be >= 0"):
-        m.make_demo(tmp_path, n_per_class=1, flite_per_class=-1)
+@pytest.mark.parametrize("name, hint", [("flite", "apt-get install -y flite"),
+                                        ("mbrola", "non-free: `apt-get install -y mbrola mbrola-us1 mbrola-us2"),
+                                        ("pico", "non-free: `apt-get install -y libttspico-utils")])
+def test_missing_training_synthesiser_is_a_clear_value_error(tmp_path, monkeypatch, name, hint):
+    monkeypatch.setattr(shutil, "which", lambda prog: "/usr/bin/espeak-ng" if prog == "espeak-ng" else None)
+    with pytest.raises(ValueError, match=f"{name}_per_class > 0.*{hint}"):
+        m.make_demo(tmp_path, n_per_class=1, **{f"{name}_per_class": 1})
+    with pytest.raises(ValueError, match=f"{name}_per_class must be >= 0"):
+        m.make_demo(tmp_path, n_per_class=1, **{f"{name}_per_class": -1})
+    assert not any(tmp_path.iterdir())
+
+
+@_needs("mbrola")
+def test_missing_mbrola_voice_is_named(tmp_path, monkeypatch):
+    from uniperc.modalities import audio
+
+    monkeypatch.setitem(audio.MBROLA_VOICES, "zz9", "mbrola-zz9")  # a voice no package ships
+    with pytest.raises(ValueError, match=r"MBROLA voice\(s\) zz9;.*apt-get install -y mbrola-zz9`"):
+        m.make_demo(tmp_path, n_per_class=1, mbrola_per_class=1)
 
 
 def test_flite_per_class_changes_the_demo_cache_key(tmp_path, monkeypatch):
