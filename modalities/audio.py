@@ -346,6 +346,7 @@ class AudioModality(Modality):
         mbrola_formant_scale: tuple[float, float] = (1.0, 1.0),
         pico_per_class: int = 0,
         pico_formant_scale: tuple[float, float] = (1.0, 1.0),
+        held_out: tuple[str, ...] = (),
     ):
         """Spoken digits "zero".."nine" from espeak-ng: ``n_per_class`` clips per digit (default 2200 clips).
 
@@ -367,6 +368,10 @@ class AudioModality(Modality):
         goes to validation, the rest to train; the test split stays the held-out espeak voices and
         ``test_festival`` stays unheard. Each needs its program and voices. ``<name>_formant_scale``
         ``(low, high)``: each session's vocal-tract scale is drawn uniformly from it (1 = the voice as it is).
+
+        ``held_out`` names training synthesisers (e.g. ``["pico"]``) whose sessions go, all of them, to an extra
+        test split ``test_<name>`` instead (``test_<name>_list.txt``, in no other split): more synthesisers never
+        heard in training than festival alone, at the cost of not learning from them.
         """
         import soundfile as sf
 
@@ -388,6 +393,12 @@ class AudioModality(Modality):
             if len(scale) != 2 or not 0.5 <= scale[0] <= scale[1] <= 2:
                 raise ValueError(f"audio demo: {name}_formant_scale must be [low, high] with 0.5 <= low <= high <= 2, "
                                  f"got {scale}")
+        held_out = [held_out] if isinstance(held_out, str) else list(held_out)
+        unknown = [n for n in held_out if not extra.get(n, (0,))[0]]
+        if unknown:
+            have = [n for n, (k, _) in extra.items() if k]
+            raise ValueError(f"audio demo: held_out names {unknown}, but only a training synthesiser with sessions "
+                             f"can be held out (now {have}; set <name>_per_class > 0)")
         if festival_per_class:
             _check_festival()  # before any espeak work, so a missing voice costs no time
         for name, (per_class, _) in extra.items():
@@ -432,13 +443,20 @@ class AudioModality(Modality):
                     lists[s["split"]].append(rel)
         for name, (per_class, scale) in extra.items():
             n_val = round(per_class * val_fraction)
+            if name in held_out:
+                lists[f"test_{name}"] = []
             for digit, speaker, k, clip, sr in _training_clips(name, per_class, seed, workers, scale):
                 rel = f"{digit}/{speaker}_nohash_{k:05d}.wav"
                 sf.write(root / rel, clip, sr, subtype="PCM_16")
-                if k < n_val:
+                if name in held_out:
+                    lists[f"test_{name}"].append(rel)
+                elif k < n_val:
                     lists["validation"].append(rel)
             if per_class:
-                pools[name] = [f"{name}-{v}" for v in TRAINING_SYNTHESISERS[name].voices]
+                pools[f"test_{name}" if name in held_out else name] = [
+                    f"{name}-{v}" for v in TRAINING_SYNTHESISERS[name].voices]
+        for split in [s for s in lists if s.startswith("test_")]:
+            (root / f"{split}_list.txt").write_text("\n".join(lists[split]) + "\n")
         (root / "validation_list.txt").write_text("\n".join(lists["validation"]) + "\n")
         (root / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n")
         if festival_per_class:
@@ -694,8 +712,10 @@ def _training_clips(name: str, n_per_class: int, seed: int, workers: int,
                 waves.append(_synthesise_to_file(cmd, out, f"{name} voice {s['voice']!r} speaking {d!r}"))
             sr = waves[0][1]
             if s["scale"] != 1:  # read as sampled at scale * sr, resampled to sr: every frequency times scale
-                waves = [(torchaudio.functional.resample(torch.from_numpy(w), round(100 * s["scale"]), 100).numpy(),
-                          rate) for w, rate in waves]
+                # in float64: in float32 the result depends on torch's thread count (under OMP_NUM_THREADS=1 and 2 a
+                # few clips came out one 16-bit step apart, and so did every score trained on them)
+                waves = [(torchaudio.functional.resample(torch.from_numpy(w).double(), round(100 * s["scale"]), 100)
+                          .float().numpy(), rate) for w, rate in waves]
             words = [_trim_below_peak(w, int(0.01 * sr), top_db=40.0) for w, _ in waves]
             return _postprocess(words, sr, np.random.default_rng(s["seed"])), sr
 
