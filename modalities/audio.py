@@ -144,7 +144,7 @@ def _librosa_load(path, what, first_error):
 class AudioModality(Modality):
     name = "audio"
     task = "classification"
-    demo_version = 3  # bumped when the generator changes, so cached demo sets are rebuilt
+    demo_version = 4  # bumped when the generator changes, so cached demo sets are rebuilt (4: float64 resampling)
     file_extensions = AUDIO_EXTENSIONS
     input_field = "audio"  # a user's dataset: an Audio column (or {"bytes", "path"} structs)
     input_media = "Audio"  # or a column of file paths / bytes
@@ -432,41 +432,34 @@ class AudioModality(Modality):
         workers = workers or min(4, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:  # the work is in espeak-ng processes: threads suffice
             results = list(pool.map(_synthesise_session, sessions))
-        lists = {"validation": [], "test": []}
+        lists = {"validation": [], "test": []}  # split -> its files; train is every file in no list
+
+        def save(digit, speaker, k, clip, sr, split=None):
+            rel = f"{digit}/{speaker}_nohash_{k:05d}.wav"
+            (root / digit).mkdir(parents=True, exist_ok=True)
+            sf.write(root / rel, clip, sr, subtype="PCM_16")
+            if split is not None:
+                lists.setdefault(split, []).append(rel)
+
         for s, (clips, sr) in zip(sessions, results):
-            speaker = f"{s['accent']}_{s['variant']}"
+            split = None if s["split"] == "train" else s["split"]
             for digit, clip in zip(DIGITS, clips):
-                rel = f"{digit}/{speaker}_nohash_{s['k']:05d}.wav"
-                (root / digit).mkdir(parents=True, exist_ok=True)
-                sf.write(root / rel, clip, sr, subtype="PCM_16")
-                if s["split"] in lists:
-                    lists[s["split"]].append(rel)
+                save(digit, f"{s['accent']}_{s['variant']}", s["k"], clip, sr, split)
         for name, (per_class, scale) in extra.items():
             n_val = round(per_class * val_fraction)
-            if name in held_out:
-                lists[f"test_{name}"] = []
             for digit, speaker, k, clip, sr in _training_clips(name, per_class, seed, workers, scale):
-                rel = f"{digit}/{speaker}_nohash_{k:05d}.wav"
-                sf.write(root / rel, clip, sr, subtype="PCM_16")
-                if name in held_out:
-                    lists[f"test_{name}"].append(rel)
-                elif k < n_val:
-                    lists["validation"].append(rel)
+                save(digit, speaker, k, clip, sr,
+                     f"test_{name}" if name in held_out else "validation" if k < n_val else None)
             if per_class:
                 pools[f"test_{name}" if name in held_out else name] = [
                     f"{name}-{v}" for v in TRAINING_SYNTHESISERS[name].voices]
-        for split in [s for s in lists if s.startswith("test_")]:
-            (root / f"{split}_list.txt").write_text("\n".join(lists[split]) + "\n")
-        (root / "validation_list.txt").write_text("\n".join(lists["validation"]) + "\n")
-        (root / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n")
         if festival_per_class:
-            festival = []
             for digit, speaker, k, clip, sr in _festival_clips(festival_per_class, seed):
-                rel = f"{digit}/{speaker}_nohash_{k:05d}.wav"
-                sf.write(root / rel, clip, sr, subtype="PCM_16")
-                festival.append(rel)
-            (root / "test_festival_list.txt").write_text("\n".join(festival) + "\n")
+                save(digit, speaker, k, clip, sr, "test_festival")
             pools["test_festival"] = [f"festival-{v}" for v in FESTIVAL_VOICES]
+        for split, files in lists.items():  # Speech Commands' names, and test_<name>_list.txt for the extra splits
+            name = {"validation": "validation_list.txt", "test": "testing_list.txt"}.get(split, f"{split}_list.txt")
+            (root / name).write_text("\n".join(files) + "\n")
         (root / "voices.json").write_text(json.dumps(pools, indent=1))
         return root
 
